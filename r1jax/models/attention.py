@@ -1,0 +1,71 @@
+"""Grouped-query attention with an optional functional KV cache."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from r1jax.models.config import ModelConfig
+from r1jax.models.layers import apply_rope, param_init, rope_inv_freq
+
+_MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
+
+
+@flax.struct.dataclass
+class LayerCache:
+  """Keys and values of one layer for every cache slot: [B, S, K, H] each."""
+
+  k: jax.Array
+  v: jax.Array
+
+
+class Attention(nn.Module):
+  """Causal multi-head attention with K <= N key/value heads (GQA)."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
+               cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None):
+    c = self.config
+    N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_size
+    proj = lambda heads, axes, name: nn.DenseGeneral(
+        (heads, H), use_bias=c.qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype,
+        kernel_init=param_init(c, "embed", *axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes), name=name)
+    q_BTNH = proj(N, ("heads", "head_dim"), "q_proj")(x_BTD)
+    k_BTKH = proj(K, ("kv_heads", "head_dim"), "k_proj")(x_BTD)
+    v_BTKH = proj(K, ("kv_heads", "head_dim"), "v_proj")(x_BTD)
+
+    inv_freq = rope_inv_freq(c)
+    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
+    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+
+    new_cache = None
+    if cache is not None:
+      start = (0, cache_index, 0, 0)
+      k_BSKH = jax.lax.dynamic_update_slice(cache.k, k_BTKH.astype(cache.k.dtype), start)
+      v_BSKH = jax.lax.dynamic_update_slice(cache.v, v_BTKH.astype(cache.v.dtype), start)
+      new_cache = LayerCache(k=k_BSKH, v=v_BSKH)
+    else:
+      k_BSKH, v_BSKH = k_BTKH, v_BTKH
+
+    B, T = x_BTD.shape[:2]
+    q_BTKGH = q_BTNH.reshape(B, T, K, N // K, H)
+    logits_BKGTS = jnp.einsum("BTKGH,BSKH->BKGTS", q_BTKGH, k_BSKH.astype(c.dtype),
+                              preferred_element_type=jnp.float32) * (H ** -0.5)
+    logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
+    probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(c.dtype)
+    out_BTKGH = jnp.einsum("BKGTS,BSKH->BTKGH", probs_BKGTS, v_BSKH.astype(c.dtype))
+    out_BTNH = nn.with_logical_constraint(
+        out_BTKGH.reshape(B, T, N, H),
+        ("activation_batch", "activation_length", "activation_heads", "head_dim"))
+    out_BTD = nn.DenseGeneral(
+        c.hidden_size, axis=(-2, -1), use_bias=False, dtype=c.dtype,
+        param_dtype=c.param_dtype, kernel_init=param_init(c, "heads", "head_dim", "embed"),
+        name="o_proj")(out_BTNH)
+    return out_BTD, new_cache

@@ -1,0 +1,145 @@
+"""The dense decoder (Llama / Qwen2 family) as a Flax linen module.
+
+`Transformer.apply(params, tokens_BT, positions_BT, segment_ids_BT, cache)`
+returns `(logits_BTV, new_cache)`. Without a cache it is the training forward
+(causal, with packed segments); with a `KVCache` it writes the new keys/values
+at `cache.index` and attends to every valid slot before them (prefill and
+decode are the same call).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from r1jax.models.attention import Attention, LayerCache
+from r1jax.models.config import ModelConfig
+from r1jax.models.layers import MLP, RMSNorm, param_init
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Decode state: per-layer keys/values, which slots hold real tokens, and
+  the next slot to write (shared by the batch; left padding keeps rows aligned)."""
+
+  layers: tuple[LayerCache, ...]
+  valid_BS: jax.Array  # bool
+  index: jax.Array  # int32 scalar
+
+  @property
+  def max_length(self) -> int:
+    return self.valid_BS.shape[1]
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
+  """An empty cache of `max_length` slots for `batch` rows."""
+  dtype = dtype or config.dtype
+  shape = (batch, max_length, config.num_key_value_heads, config.head_size)
+  layer = lambda: LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  return KVCache(
+      layers=tuple(layer() for _ in range(config.num_hidden_layers)),
+      valid_BS=jnp.zeros((batch, max_length), bool),
+      index=jnp.zeros((), jnp.int32))
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
+    h_BTD, new_cache = Attention(c, name="self_attn")(
+        norm("input_layernorm")(x_BTD), positions_BT, mask_BTS, cache, cache_index)
+    x_BTD = nn.with_logical_constraint(x_BTD + h_BTD, _ACT)
+    x_BTD = x_BTD + MLP(c, name="mlp")(norm("post_attention_layernorm")(x_BTD))
+    return nn.with_logical_constraint(x_BTD, _ACT), new_cache
+
+
+def _training_mask(segment_ids_BT: jax.Array) -> jax.Array:
+  """Causal mask within each packed segment; segment 0 is padding."""
+  T = segment_ids_BT.shape[1]
+  causal_TS = jnp.tril(jnp.ones((T, T), bool))
+  same_BTS = segment_ids_BT[:, :, None] == segment_ids_BT[:, None, :]
+  return causal_TS[None] & same_BTS & (segment_ids_BT[:, None, :] != 0)
+
+
+def _cache_mask(cache: KVCache, segment_ids_BT: jax.Array):
+  """Marks the new tokens' slots valid; each query sees valid slots up to its own."""
+  T = segment_ids_BT.shape[1]
+  valid_BS = jax.lax.dynamic_update_slice(
+      cache.valid_BS, segment_ids_BT != 0, (0, cache.index))
+  query_slot_T = cache.index + jnp.arange(T)
+  key_slot_S = jnp.arange(cache.max_length)
+  mask_BTS = (key_slot_S[None, None, :] <= query_slot_T[None, :, None]) & valid_BS[:, None, :]
+  return mask_BTS, valid_BS
+
+
+class Transformer(nn.Module):
+  """Decoder-only language model."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
+               segment_ids_BT: Optional[jax.Array] = None, cache: Optional[KVCache] = None,
+               return_hidden: bool = False):
+    """Args:
+      tokens_BT: int token ids.
+      positions_BT: rotary positions (default 0..T-1); restart per packed segment.
+      segment_ids_BT: packed-document ids, 0 for padding (default: all 1).
+      cache: a KVCache to extend (prefill/decode), or None for a training forward.
+      return_hidden: return the final normed hidden states [B, T, D] instead of logits.
+    Returns:
+      (logits_BTV float32 or hidden_BTD, the updated cache or None).
+    """
+    c = self.config
+    B, T = tokens_BT.shape
+    if positions_BT is None:
+      positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if segment_ids_BT is None:
+      segment_ids_BT = jnp.ones((B, T), jnp.int32)
+    if cache is None:
+      mask_BTS, new_valid = _training_mask(segment_ids_BT), None
+    else:
+      mask_BTS, new_valid = _cache_mask(cache, segment_ids_BT)
+
+    embed = nn.Embed(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                     embedding_init=param_init(c, "vocab", "embed"), name="embed_tokens")
+    x_BTD = nn.with_logical_constraint(embed(tokens_BT), _ACT)
+    block_cls = nn.remat(Block) if c.remat else Block
+    new_layers = []
+    for i in range(c.num_hidden_layers):
+      layer_cache = None if cache is None else cache.layers[i]
+      index = None if cache is None else cache.index
+      x_BTD, layer_cache = block_cls(c, name=f"layers_{i}")(
+          x_BTD, positions_BT, mask_BTS, layer_cache, index)
+      new_layers.append(layer_cache)
+    x_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x_BTD)
+
+    new_cache = None if cache is None else KVCache(
+        layers=tuple(new_layers), valid_BS=new_valid, index=cache.index + T)
+    if return_hidden:
+      return x_BTD, new_cache
+    if c.tie_word_embeddings:
+      logits_BTV = embed.attend(x_BTD)
+    else:
+      logits_BTV = nn.DenseGeneral(
+          c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
+          kernel_init=param_init(c, "embed", "vocab"), name="lm_head")(x_BTD)
+    logits_BTV = nn.with_logical_constraint(
+        logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+    return logits_BTV, new_cache
+
+
+def count_params(params) -> int:
+  """Number of scalars in a (possibly abstract) params pytree."""
+  return sum(int(x.size) for x in jax.tree.leaves(params))
