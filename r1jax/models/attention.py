@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.models.config import ModelConfig
-from r1jax.models.layers import apply_rope, param_init, rope_inv_freq
+from r1jax.models.layers import Einsum, apply_rope, rope_inv_freq
 
 _MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
 
@@ -33,13 +33,13 @@ class Attention(nn.Module):
                cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None):
     c = self.config
     N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_size
-    proj = lambda heads, axes, name: nn.DenseGeneral(
-        (heads, H), use_bias=c.qkv_bias, dtype=c.dtype, param_dtype=c.param_dtype,
-        kernel_init=param_init(c, "embed", *axes),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes), name=name)
-    q_BTNH = proj(N, ("heads", "head_dim"), "q_proj")(x_BTD)
-    k_BTKH = proj(K, ("kv_heads", "head_dim"), "k_proj")(x_BTD)
-    v_BTKH = proj(K, ("kv_heads", "head_dim"), "v_proj")(x_BTD)
+    D = c.hidden_size
+    proj = lambda eq, heads, axes, name: Einsum(
+        eq, (D, heads, H), ("embed", *axes), c,
+        bias_shape=(heads, H) if c.qkv_bias else None, bias_axes=axes, name=name)
+    q_BTNH = proj("BTD,DNH->BTNH", N, ("heads", "head_dim"), "q_proj")(x_BTD)
+    k_BTKH = proj("BTD,DKH->BTKH", K, ("kv_heads", "head_dim"), "k_proj")(x_BTD)
+    v_BTKH = proj("BTD,DKH->BTKH", K, ("kv_heads", "head_dim"), "v_proj")(x_BTD)
 
     inv_freq = rope_inv_freq(c)
     q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
@@ -64,8 +64,6 @@ class Attention(nn.Module):
     out_BTNH = nn.with_logical_constraint(
         out_BTKGH.reshape(B, T, N, H),
         ("activation_batch", "activation_length", "activation_heads", "head_dim"))
-    out_BTD = nn.DenseGeneral(
-        c.hidden_size, axis=(-2, -1), use_bias=False, dtype=c.dtype,
-        param_dtype=c.param_dtype, kernel_init=param_init(c, "heads", "head_dim", "embed"),
-        name="o_proj")(out_BTNH)
+    out_BTD = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), c,
+                     name="o_proj")(out_BTNH)
     return out_BTD, new_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import flax.linen as nn
 import jax
@@ -66,6 +67,33 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   return out.astype(x_BTNH.dtype)
 
 
+class Einsum(nn.Module):
+  """A linear map written as an einsum against a kernel with logical axes.
+
+  Used instead of DenseGeneral, whose flat-kernel init breaks logical
+  constraints on multi-dimensional kernels under a mesh.
+  """
+
+  equation: str  # e.g. "BTD,DNH->BTNH"
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  config: ModelConfig
+  bias_shape: Optional[tuple[int, ...]] = None  # output feature dims, if biased
+  bias_axes: tuple[str, ...] = ()
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = self.config
+    kernel = self.param("kernel", param_init(c, *self.axes), self.shape, c.param_dtype)
+    y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
+    if self.bias_shape is not None:
+      bias = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
+          self.bias_shape, c.param_dtype)
+      y = y + bias.astype(c.dtype)
+    return y
+
+
 class MLP(nn.Module):
   """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -74,11 +102,9 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     c = self.config
-    dense = lambda f, axes, name: nn.DenseGeneral(
-        f, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-        kernel_init=param_init(c, *axes), name=name)
-    gate_BTF = dense(c.intermediate_size, ("embed", "mlp"), "gate_proj")(x_BTD)
-    up_BTF = dense(c.intermediate_size, ("embed", "mlp"), "up_proj")(x_BTD)
+    D, F = c.hidden_size, c.intermediate_size
+    gate_BTF = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), c, name="gate_proj")(x_BTD)
+    up_BTF = Einsum("BTD,DF->BTF", (D, F), ("embed", "mlp"), c, name="up_proj")(x_BTD)
     h_BTF = nn.with_logical_constraint(
         nn.silu(gate_BTF) * up_BTF, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(c.hidden_size, ("mlp", "embed"), "down_proj")(h_BTF)
+    return Einsum("BTF,FD->BTD", (F, D), ("mlp", "embed"), c, name="down_proj")(h_BTF)

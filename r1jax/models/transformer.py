@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from r1jax.models.attention import Attention, LayerCache
 from r1jax.models.config import ModelConfig
-from r1jax.models.layers import MLP, RMSNorm, param_init
+from r1jax.models.layers import MLP, Einsum, RMSNorm, param_init
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 
@@ -132,9 +132,8 @@ class Transformer(nn.Module):
     if c.tie_word_embeddings:
       logits_BTV = embed.attend(x_BTD)
     else:
-      logits_BTV = nn.DenseGeneral(
-          c.vocab_size, use_bias=False, dtype=c.dtype, param_dtype=c.param_dtype,
-          kernel_init=param_init(c, "embed", "vocab"), name="lm_head")(x_BTD)
+      logits_BTV = Einsum("BTD,DV->BTV", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                          c, name="lm_head")(x_BTD)
     logits_BTV = nn.with_logical_constraint(
         logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
     return logits_BTV, new_cache
