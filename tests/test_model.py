@@ -1,0 +1,214 @@
+"""Dense decoder tests: KV-cache / causality / packing invariants on small
+configs, rope scaling against float64 NumPy, and every real preset
+shape-checked (and its parameters counted) through `jax.eval_shape`."""
+
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.models.config import PRESETS, get_preset
+from r1jax.models.layers import rope_inv_freq
+from r1jax.models.transformer import Transformer, count_params, init_cache
+
+SMALL = get_preset(
+    "tiny", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    tie_word_embeddings=True, initializer_range=0.1, dtype="float32", param_dtype="float32")
+VARIANTS = {
+    "gqa": SMALL,
+    "mha": SMALL.replace(num_key_value_heads=4),
+    "mqa_head_dim": SMALL.replace(num_key_value_heads=1, head_dim=24),
+    "qkv_bias": SMALL.replace(qkv_bias=True),
+    "untied": SMALL.replace(tie_word_embeddings=False),
+}
+ATOL = 1e-5
+
+
+def random_params(model, seed=0):
+  """Random params filled on the host: compiling the threefry-based `init`
+  costs ~10 s on CPU; this costs milliseconds. Biases are random too (so the
+  qkv_bias variant exercises them); norm scales are 1 + noise."""
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  rng = np.random.default_rng(seed)
+  std = model.config.initializer_range
+
+  def fill(path, x):
+    return jnp.asarray(rng.normal(0.0, std, x.shape) + (path[-1].key == "scale"), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes["params"])
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def apply(model, params, tokens_BT, positions_BT=None, segment_ids_BT=None, cache=None):
+  """model.apply, jitted once per model and shape (eager apply costs seconds)."""
+  return model.apply({"params": params}, tokens_BT, positions_BT, segment_ids_BT, cache)
+
+
+def forward(model, params, tokens):
+  """No-cache logits [T, V] of one unpadded sequence."""
+  return np.asarray(apply(model, params, jnp.asarray(tokens, jnp.int32)[None])[0][0])
+
+
+def left_pad(seqs, P):
+  """Left-padded tokens, segment ids (0 = pad) and positions restarting at 0."""
+  tokens = np.zeros((len(seqs), P), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, P - len(s):] = s
+  valid = (np.arange(P)[None] >= P - np.array([len(s) for s in seqs])[:, None]).astype(np.int32)
+  positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
+  return tokens, valid, positions
+
+
+# Every test sequence has SEQ_LEN tokens: a prompt of PROMPT_LENS[i] tokens
+# (left padded to P slots by 11, 6 and 1) and a teacher-forced continuation
+# decoded one token at a time. Equal lengths mean one compiled reference forward.
+PROMPT_LENS, P, SEQ_LEN = (1, 6, 11), 12, 16
+
+
+def _sequences():
+  rng = np.random.default_rng(1)
+  return [rng.integers(1, 97, SEQ_LEN).astype(np.int32) for _ in PROMPT_LENS]
+
+
+def cached_logits(model, params, seqs, chunks, position_error=0):
+  """Logits [SEQ_LEN, V] of every sequence: its prompt prefilled in `chunks`
+  pieces (batched, left padded), then its continuation decoded through the cache."""
+  prompts = [s[:n] for s, n in zip(seqs, PROMPT_LENS)]
+  tokens, valid, positions = left_pad(prompts, P)
+  n_decode = SEQ_LEN - min(PROMPT_LENS)
+  cache = init_cache(model.config, len(seqs), P + n_decode)
+  bounds = np.linspace(0, P, chunks + 1).astype(int)
+  pieces = []
+  for a, b in zip(bounds[:-1], bounds[1:]):
+    logits, cache = apply(model, params, tokens[:, a:b], positions[:, a:b], valid[:, a:b],
+                          cache)
+    pieces.append(np.asarray(logits))
+  prefill = np.concatenate(pieces, 1)
+  out = [list(prefill[i, P - n:]) for i, n in enumerate(PROMPT_LENS)]
+  # Rows whose sequence is complete keep decoding (a pad token); ignored.
+  padded = np.stack([np.pad(s, (0, n_decode)) for s in seqs])
+  lens = np.array(PROMPT_LENS)
+  for j in range(n_decode):
+    step_B1 = padded[np.arange(len(seqs)), lens + j][:, None]
+    positions_B1 = (lens + j + position_error)[:, None]
+    logits, cache = apply(model, params, step_B1, positions_B1, np.ones_like(step_B1), cache)
+    for i in range(len(seqs)):
+      if len(out[i]) < SEQ_LEN:
+        out[i].append(np.asarray(logits)[i, 0])
+  return [np.stack(o) for o in out]
+
+
+@pytest.mark.parametrize("name,chunks", [(name, 1) for name in VARIANTS] + [("gqa", 2)],
+                         ids=list(VARIANTS) + ["gqa-chunked_prefill"])
+def test_cached_decode_equals_full_forward(name, chunks):
+  """Left-padded batched prefill + decode through the cache reproduces each
+  sequence's unpadded no-cache forward, position by position."""
+  model = Transformer(VARIANTS[name])
+  params = random_params(model)
+  seqs = _sequences()
+  got = cached_logits(model, params, seqs, chunks)
+  for i, seq in enumerate(seqs):
+    np.testing.assert_allclose(got[i], forward(model, params, seq), atol=ATOL, rtol=0,
+                               err_msg=f"sequence {i} (prompt length {PROMPT_LENS[i]})")
+
+
+def test_cache_check_detects_a_position_error():
+  """The tolerance above is far below the effect of an off-by-one decode position."""
+  model = Transformer(SMALL)
+  params = random_params(model)
+  seqs = _sequences()
+  got = cached_logits(model, params, seqs, chunks=1, position_error=1)
+  for i, (seq, n) in enumerate(zip(seqs, PROMPT_LENS)):
+    assert np.abs(got[i][n:] - forward(model, params, seq)[n:]).max() > 1e3 * ATOL
+
+
+def test_causal():
+  model = Transformer(SMALL)
+  params = random_params(model)
+  tokens = np.random.default_rng(2).integers(1, 97, (1, SEQ_LEN)).astype(np.int32)
+  changed = tokens.copy()
+  changed[:, 9] = (changed[:, 9] + 1) % 97
+  a, _ = apply(model, params, tokens)
+  b, _ = apply(model, params, changed)
+  np.testing.assert_allclose(a[:, :9], b[:, :9], atol=1e-6, rtol=0)
+  assert np.abs(a[:, 9] - b[:, 9]).max() > 1e3 * ATOL  # the changed token is seen
+
+
+def test_packed_segments_equal_separate_documents():
+  model = Transformer(SMALL)
+  params = random_params(model)
+  rng = np.random.default_rng(3)
+  doc_a, doc_b = rng.integers(1, 97, 5), rng.integers(1, 97, 7)
+  tokens = np.concatenate([doc_a, doc_b, [0, 0]])[None]
+  segments = np.array([[1] * 5 + [2] * 7 + [0, 0]])
+  positions = np.array([list(range(5)) + list(range(7)) + [0, 0]])
+  packed = np.asarray(apply(model, params, tokens, positions, segments)[0][0])
+  np.testing.assert_allclose(packed[:5], forward(model, params, doc_a), atol=ATOL, rtol=0)
+  np.testing.assert_allclose(packed[5:12], forward(model, params, doc_b), atol=ATOL, rtol=0)
+  # Without segment ids document b would attend to a: the check can fail.
+  unsegmented = np.asarray(apply(model, params, tokens, positions, np.ones_like(segments))[0][0])
+  assert np.abs(unsegmented[5:12] - packed[5:12]).max() > 1e3 * ATOL
+
+
+def llama3_inv_freq_reference(head_dim, theta, factor, low_freq_factor, high_freq_factor,
+                              old_len):
+  """Hugging Face `_compute_llama3_parameters`, in float64."""
+  inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+  out = np.empty_like(inv_freq)
+  for i, f in enumerate(inv_freq):
+    wavelen = 2 * math.pi / f
+    if wavelen > old_len / low_freq_factor:
+      out[i] = f / factor
+    elif wavelen < old_len / high_freq_factor:
+      out[i] = f
+    else:
+      smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+      out[i] = (1 - smooth) * f / factor + smooth * f
+  return out
+
+
+def test_llama3_rope_scaling_matches_float64_reference():
+  c = PRESETS["llama3.1-8b"]
+  want = llama3_inv_freq_reference(
+      c.head_size, c.rope_theta, c.rope_scaling_factor, c.rope_low_freq_factor,
+      c.rope_high_freq_factor, c.rope_original_max_position_embeddings)
+  got = np.asarray(rope_inv_freq(c), np.float64)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+  # All three bands occur, so each branch of the formula is checked.
+  unscaled = 1.0 / c.rope_theta ** (np.arange(0, c.head_size, 2) / c.head_size)
+  ratio = want / unscaled
+  assert (ratio == 1).any() and (ratio == 1 / c.rope_scaling_factor).any()
+  assert ((ratio > 1 / c.rope_scaling_factor) & (ratio < 1)).any()
+
+
+# Published parameter counts (safetensors totals; Qwen2.5-32B's card rounds to 32.5B).
+PUBLISHED_PARAMS = {
+    "qwen2.5-math-1.5b": 1.54e9,
+    "qwen2.5-math-7b": 7.62e9,
+    "qwen2.5-14b": 14.77e9,
+    "qwen2.5-32b": 32.76e9,
+    "llama3.1-8b": 8.03e9,
+    "llama3.3-70b": 70.55e9,
+}
+
+
+def test_every_real_preset_has_a_published_count():
+  assert set(PUBLISHED_PARAMS) == set(PRESETS) - {"tiny"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
+def test_preset_shapes_and_param_count(name):
+  """Full-size presets through eval_shape: nothing is allocated."""
+  c = PRESETS[name]
+  model = Transformer(c)
+  tokens = jax.ShapeDtypeStruct((2, 16), jnp.int32)
+  # One trace (init runs the forward): tracing an 80-layer model takes seconds.
+  (logits, _), variables = jax.eval_shape(
+      lambda t: model.init_with_output(jax.random.key(0), t), tokens)
+  assert count_params(variables["params"]) == pytest.approx(PUBLISHED_PARAMS[name], rel=5e-3)
+  assert logits.shape == (2, 16, c.vocab_size) and logits.dtype == jnp.float32
