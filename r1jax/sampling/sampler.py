@@ -1,0 +1,286 @@
+"""Batched KV-cache sampler: one prefill per prompt, then a jitted decode loop.
+
+`sample(model, params, prompts, rng, config, eos_id=...)` left-pads the prompts
+to a bucketed length, prefills them once (batch B), repeats the cache G times
+(rows ordered prompt-major: row = prompt * G + sample) and decodes inside one
+`jax.lax.while_loop` that stops when every row has hit eos / a stop token or
+`max_new_tokens` is reached. Everything after the host-side padding runs in a
+single jitted function, compiled once per model, shapes and structural knobs
+(see `sample`), so repeated calls with prompts in the same length bucket reuse it.
+
+Randomness: row (b, g) draws from `fold_in(fold_in(fold_in(rng, b), g), step)`,
+so a prompt's samples depend only on the key, its index and the model, not on
+the other prompts in the batch or on the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax.models.transformer import KVCache, Transformer, init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  """How to sample. Only the knobs that change the program are static under jit."""
+
+  max_new_tokens: int = 128  # tokens generated per row, including the stop token
+  temperature: float = 1.0  # softmax temperature; 0.0 means greedy (argmax)
+  top_p: float = 1.0  # nucleus: smallest set with cumulative prob >= top_p; 1.0 = off
+  top_k: int = 0  # keep the k most likely tokens; 0 = off
+  num_samples: int = 1  # G completions per prompt
+  stop_token_ids: tuple[int, ...] = ()  # stop besides eos (kept in the output), e.g. "</answer>"
+  prompt_bucket: int = 32  # pad prompt length to a multiple of this: few shapes, few compiles
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+    if self.temperature < 0:
+      raise ValueError(f"temperature={self.temperature} must be >= 0")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    if self.top_k < 0:
+      raise ValueError(f"top_k={self.top_k} must be >= 0")
+    if self.num_samples < 1:
+      raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+    if self.prompt_bucket < 1:
+      raise ValueError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+    # Lists (e.g. from an ml_collections config) would make the config unhashable.
+    object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Completions, rows prompt-major (row = prompt_index * G + sample_index).
+
+  `logprobs` are log-probabilities under softmax(logits / temperature) WITHOUT
+  the top-k / top-p truncation (plain log_softmax(logits) when greedy): the
+  behaviour policy pi_old that GRPO's importance ratio divides by, consistent
+  with a trainer that divides its logits by the same temperature.
+  """
+
+  tokens: jax.Array  # [B*G, max_new_tokens] int32, pad_id after the end
+  logprobs: jax.Array  # [B*G, max_new_tokens] float32, 0 after the end
+  lengths: jax.Array  # [B*G] int32, generated tokens including the stop/eos token
+  finished: jax.Array  # [B*G] bool, hit eos/stop within max_new_tokens
+
+
+def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: jax.Array,
+           config: SamplingConfig, *, eos_id: int, pad_id: int = 0,
+           max_cache_length: Optional[int] = None) -> SampleOutput:
+  """Samples `config.num_samples` completions for each prompt.
+
+  Args:
+    model: the decoder; its `config` sizes the cache and bounds positions.
+    params: the model's (unboxed) params pytree.
+    prompts: B token-id lists, each non-empty.
+    rng: a PRNG key; see the module docstring for how it is folded.
+    config: sampling knobs. One compile per (model, shapes, max_new_tokens,
+      num_samples, greedy or not, top_k, top_p on or off); temperature, the
+      top_p value, eos/stop/pad ids and the prompts' contents are traced.
+    eos_id: end-of-sequence id; generation of a row stops after it.
+    pad_id: id written after a row's end (and used to left-pad prompts).
+    max_cache_length: KV-cache slots; default bucketed prompt length + max_new_tokens.
+  Returns:
+    A SampleOutput of device arrays with B * num_samples rows.
+  Raises:
+    ValueError: an empty prompt, a token id outside the vocabulary, or a prompt
+      that with max_new_tokens does not fit the cache or the model's positions.
+  """
+  return _sample(model, params, prompts, rng, config, eos_id=eos_id, pad_id=pad_id,
+                 max_cache_length=max_cache_length)[0]
+
+
+def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_length):
+  """`sample`, also returning the number of decode steps the loop ran."""
+  tokens_BP, lengths_B, max_cache_length = _pad_prompts(
+      model, prompts, config, eos_id=eos_id, pad_id=pad_id, max_cache_length=max_cache_length)
+  stop_ids = (eos_id,) + config.stop_token_ids
+  # Pad the id list with eos to a multiple of 8 so its length rarely changes the shape.
+  stop_ids += (eos_id,) * (-len(stop_ids) % 8)
+  return _generate(
+      model, params, tokens_BP, lengths_B, rng, np.float32(config.temperature),
+      np.float32(config.top_p), np.asarray(stop_ids, np.int32), np.int32(pad_id),
+      max_new_tokens=config.max_new_tokens, num_samples=config.num_samples,
+      greedy=config.temperature == 0.0, top_k=config.top_k, use_top_p=config.top_p < 1.0,
+      max_cache_length=max_cache_length)
+
+
+def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
+  """Validates prompts and left-pads them to a bucketed length (host side)."""
+  mc = model.config
+  vocab, max_pos, N = mc.vocab_size, mc.max_position_embeddings, config.max_new_tokens
+  for name, tok in [("eos_id", eos_id), ("pad_id", pad_id)] + [
+      ("stop_token_ids", t) for t in config.stop_token_ids]:
+    if not 0 <= tok < vocab:
+      raise ValueError(f"{name}={tok} is outside the vocabulary [0, {vocab})")
+  if not len(prompts):
+    raise ValueError("no prompts to sample from")
+  prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+  max_len = max(len(p) for p in prompts)
+  bucketed = -(-max_len // config.prompt_bucket) * config.prompt_bucket
+  if max_cache_length is None:
+    max_cache_length = bucketed + N
+  for i, p in enumerate(prompts):
+    if len(p) == 0:
+      raise ValueError(f"prompt {i} is empty")
+    if len(p) + N > max_cache_length:
+      raise ValueError(
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={N} it needs "
+          f"{len(p) + N} cache slots > max_cache_length={max_cache_length}")
+    if len(p) + N > max_pos:
+      raise ValueError(
+          f"prompt {i} has {len(p)} tokens; with max_new_tokens={N} it reaches position "
+          f"{len(p) + N - 1} >= max_position_embeddings={max_pos}")
+    bad = (p < 0) | (p >= vocab)
+    if bad.any():
+      j = int(np.argmax(bad))
+      raise ValueError(f"prompt {i} has token id {int(p[j])} at index {j}, outside "
+                       f"the vocabulary [0, {vocab})")
+  # The bucket may not fit a caller-given cache; shrink it (still >= max_len).
+  P = min(bucketed, max_cache_length - N)
+  tokens_BP = np.full((len(prompts), P), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    tokens_BP[i, P - len(p):] = p
+  lengths_B = np.array([len(p) for p in prompts], np.int32)
+  return tokens_BP, lengths_B, max_cache_length
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "num_samples", "greedy", "top_k", "use_top_p",
+    "max_cache_length"))
+def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.Array,
+              rng: jax.Array, temperature: jax.Array, top_p: jax.Array, stop_ids: jax.Array,
+              pad_id: jax.Array, *, max_new_tokens: int, num_samples: int, greedy: bool,
+              top_k: int, use_top_p: bool,
+              max_cache_length: int) -> tuple[SampleOutput, jax.Array]:
+  """Prefill + decode loop. Returns the output and the number of decode steps run."""
+  B, P = tokens_BP.shape
+  G, N = num_samples, max_new_tokens
+
+  # Prefill once per prompt. Left padding puts every prompt's last token in
+  # slot P-1; positions restart at 0 on each prompt's first real token.
+  valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
+  positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
+  cache = init_cache(model.config, B, max_cache_length)
+  hidden_BPD, cache = model.apply(
+      {"params": params}, tokens_BP, positions_BP, valid_BP.astype(jnp.int32), cache,
+      return_hidden=True)
+  # Project only the last position: full prefill logits would be [B, P, V].
+  logits_BV = _head_logits(model, params, hidden_BPD[:, -1])
+
+  # G samples per prompt share the prefill: repeat the cache, prompt-major.
+  rep = lambda x: jnp.repeat(x, G, axis=0)
+  cache = KVCache(layers=jax.tree.map(rep, cache.layers), valid_BS=rep(cache.valid_BS),
+                  index=cache.index)
+  logits_BV = rep(logits_BV)
+  lengths_B = rep(lengths_B)  # from here on B means the B*G decode rows
+  keys_B = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.fold_in(rng, b), g))(
+      jnp.arange(B * G) // G, jnp.arange(B * G) % G)
+
+  def pick(step, logits_BV, done_B):
+    """Samples token `step` of every row; rows already done get pad / 0."""
+    step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+    token_B, logprob_B = _sample_tokens(
+        logits_BV, step_keys_B, temperature, top_p, greedy=greedy, top_k=top_k,
+        use_top_p=use_top_p)
+    token_B = jnp.where(done_B, pad_id, token_B)
+    logprob_B = jnp.where(done_B, 0.0, logprob_B)
+    return token_B, logprob_B
+
+  done_B = jnp.zeros((B * G,), bool)
+  token_B, logprob_B = pick(0, logits_BV, done_B)
+  tokens_BN = jnp.full((B * G, N), pad_id, jnp.int32).at[:, 0].set(token_B)
+  logprobs_BN = jnp.zeros((B * G, N), jnp.float32).at[:, 0].set(logprob_B)
+  done_B = jnp.isin(token_B, stop_ids)
+  out_lengths_B = jnp.ones((B * G,), jnp.int32)
+
+  def cond(state):
+    step, _, _, _, done_B, _ = state
+    return (step < N) & ~jnp.all(done_B)
+
+  def body(state):
+    step, cache, tokens_BN, logprobs_BN, done_B, out_lengths_B = state
+    # Feed token step-1 at the row's own next position (its length so far).
+    prev_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, step - 1, 1, axis=1)
+    positions_B1 = (lengths_B + step - 1)[:, None]
+    logits_B1V, cache = model.apply(
+        {"params": params}, prev_B1, positions_B1, jnp.ones_like(prev_B1), cache)
+    token_B, logprob_B = pick(step, logits_B1V[:, 0], done_B)
+    tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], step, axis=1)
+    logprobs_BN = jax.lax.dynamic_update_slice_in_dim(
+        logprobs_BN, logprob_B[:, None], step, axis=1)
+    out_lengths_B = out_lengths_B + (~done_B).astype(jnp.int32)
+    done_B = done_B | jnp.isin(token_B, stop_ids)
+    return step + 1, cache, tokens_BN, logprobs_BN, done_B, out_lengths_B
+
+  state = (jnp.ones((), jnp.int32), cache, tokens_BN, logprobs_BN, done_B, out_lengths_B)
+  steps, _, tokens_BN, logprobs_BN, done_B, out_lengths_B = jax.lax.while_loop(
+      cond, body, state)
+  out = SampleOutput(tokens=tokens_BN, logprobs=logprobs_BN, lengths=out_lengths_B,
+                     finished=done_B)
+  return out, steps
+
+
+def _head_logits(model: Transformer, params, hidden_BD: jax.Array) -> jax.Array:
+  """The model's output head on final normed hidden states, in float32."""
+  c = model.config
+  if c.tie_word_embeddings:
+    w_VD = params["embed_tokens"]["embedding"].astype(c.dtype)
+    logits_BV = jnp.einsum("BD,VD->BV", hidden_BD.astype(c.dtype), w_VD)
+  else:
+    w_DV = params["lm_head"]["kernel"].astype(c.dtype)
+    logits_BV = jnp.einsum("BD,DV->BV", hidden_BD.astype(c.dtype), w_DV)
+  return logits_BV.astype(jnp.float32)
+
+
+def _sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Array,
+                   top_p: jax.Array, *, greedy: bool, top_k: int,
+                   use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+  """One token per row and its log-prob under the untruncated tempered policy."""
+  logits_BV = logits_BV.astype(jnp.float32)
+  if greedy:
+    token_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    logp_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+  else:
+    scaled_BV = logits_BV / temperature
+    logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
+    truncated_BV = truncate_logits(scaled_BV, top_k=top_k, top_p=top_p if use_top_p else None)
+    # Gumbel-max with a key per row: a row's draw is independent of the batch.
+    gumbel_BV = jax.vmap(
+        lambda k: jax.random.gumbel(k, logits_BV.shape[-1:], jnp.float32))(keys_B)
+    token_B = jnp.argmax(truncated_BV + gumbel_BV, axis=-1).astype(jnp.int32)
+  logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
+  return token_B, logprob_B
+
+
+def truncate_logits(logits_BV: jax.Array, *, top_k: int = 0,
+                    top_p: Optional[jax.Array] = None) -> jax.Array:
+  """Sets logits outside the top-k, then outside the nucleus, to -inf.
+
+  top_k: static; 0 = off. top_p: a float or traced scalar in (0, 1]; None = off.
+  Top-p is applied to the top-k-renormalised distribution (the Hugging Face
+  warper order); it keeps the smallest set of most likely tokens whose
+  cumulative probability is >= top_p, and always the most likely token.
+  Tokens tied with the last kept one are kept too.
+  """
+  V = logits_BV.shape[-1]
+  if 0 < top_k < V:
+    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
+    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
+  if top_p is not None:
+    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
+    sorted_BV = -jnp.sort(-probs_BV, axis=-1)
+    # Keep a token while the mass strictly before it is < top_p.
+    before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
+    keep_BV = (before_BV < top_p).at[:, 0].set(True)
+    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+    logits_BV = jnp.where(probs_BV < threshold_B1, -jnp.inf, logits_BV)
+  return logits_BV

@@ -1,0 +1,243 @@
+"""Sampler tests: cached decoding against no-cache references, sampling
+distributions against the exact truncated distribution, stopping, layout and
+compilation caching."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.models.config import get_preset
+from r1jax.models.transformer import Transformer
+from r1jax.sampling.sampler import SamplingConfig, _generate, _sample, sample
+
+CONFIG = get_preset(
+    "tiny", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    tie_word_embeddings=False, initializer_range=0.1)
+MODEL = Transformer(CONFIG)
+EOS = 96
+PROMPTS = [[5, 17, 42], list(range(1, 8)), [int(t) for t in np.arange(12) * 7 % 95 + 1]]
+N_NEW = 8
+_FULL_T = 40  # fixed length of the no-cache reference forward (right padded)
+
+
+def random_params(model, seed=0):
+  """Random params filled on the host: compiling the threefry-based `init`
+  costs ~10 s on CPU; this costs milliseconds. Norm scales are 1 + noise."""
+  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
+  rng = np.random.default_rng(seed)
+  std = model.config.initializer_range
+
+  def fill(path, x):
+    noise = rng.normal(0.0, std, x.shape)
+    return jnp.asarray(noise + (path[-1].key == "scale"), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes["params"])
+
+
+@pytest.fixture(scope="module")
+def params():
+  return random_params(MODEL)
+
+
+@jax.jit
+def _full_logits_BTV(params, tokens_BT):
+  return MODEL.apply({"params": params}, tokens_BT)[0]
+
+
+def full_logits(params, seq):
+  """No-cache logits [len(seq), V] of one unpadded sequence (right padding is
+  invisible to a causal model, so one compiled shape serves every length)."""
+  tokens = np.zeros((1, _FULL_T), np.int32)
+  tokens[0, :len(seq)] = seq
+  return np.asarray(_full_logits_BTV(params, jnp.asarray(tokens)))[0, :len(seq)]
+
+
+def greedy_reference(params, prompt, n):
+  """Argmax of a full forward re-run at every step; never stops."""
+  seq = list(prompt)
+  for _ in range(n):
+    seq.append(int(np.argmax(full_logits(params, seq)[-1])))
+  return seq[len(prompt):]
+
+
+def run(params, prompts, config, rng=0, eos_id=EOS, **kw):
+  out = sample(MODEL, params, prompts, jax.random.key(rng), config, eos_id=eos_id, **kw)
+  return jax.tree.map(np.asarray, out)
+
+
+GREEDY = SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=8)
+# Temperature, the top_p value and eos/stop ids are traced: tests that vary only
+# those share this compiled program.
+NUCLEUS = SamplingConfig(max_new_tokens=N_NEW, temperature=0.7, top_p=0.9, num_samples=3,
+                         prompt_bucket=8)
+
+
+def test_greedy_equals_no_cache_argmax_loop(params):
+  refs = [greedy_reference(params, p, N_NEW) for p in PROMPTS]
+  assert EOS not in sum(refs, []), "pick another EOS: the reference never stops"
+  out = run(params, PROMPTS, GREEDY)
+  np.testing.assert_array_equal(out.tokens, np.array(refs))
+  np.testing.assert_array_equal(out.lengths, N_NEW)
+  assert not out.finished.any()
+
+
+def test_logprobs_are_tempered_untruncated_policy(params):
+  """logprobs = log_softmax(logits / T) of a full forward over prompt + completion."""
+  G, temp = NUCLEUS.num_samples, NUCLEUS.temperature
+  out = run(params, PROMPTS, NUCLEUS, rng=1)
+  assert out.tokens.shape == (len(PROMPTS) * G, N_NEW)
+  for row in range(len(PROMPTS) * G):
+    prompt, n = PROMPTS[row // G], out.lengths[row]  # prompt-major rows
+    completion = list(out.tokens[row, :n])
+    logits = full_logits(params, prompt + completion)[len(prompt) - 1:-1]
+    logp = jax.nn.log_softmax(logits / temp, axis=-1)
+    expected = np.take_along_axis(np.asarray(logp), np.array(completion)[:, None], 1)[:, 0]
+    np.testing.assert_allclose(out.logprobs[row, :n], expected, atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(out.logprobs[row, n:], 0.0)
+
+
+@pytest.mark.parametrize("config", [
+    dataclasses.replace(GREEDY, temperature=1.0, top_k=1),
+    dataclasses.replace(NUCLEUS, temperature=1.0, top_p=1e-6)], ids=["top_k=1", "top_p=1e-6"])
+def test_truncation_to_one_token_is_greedy(params, config):
+  greedy = run(params, PROMPTS, GREEDY)
+  out = run(params, PROMPTS, config, rng=3)
+  np.testing.assert_array_equal(out.tokens, np.repeat(greedy.tokens, config.num_samples, 0))
+
+
+def test_stops_at_eos_and_stop_tokens(params):
+  refs = np.array([greedy_reference(params, p, N_NEW) for p in PROMPTS])
+  eos, stop = int(refs[0, 3]), int(refs[1, 4])
+  config = dataclasses.replace(GREEDY, stop_token_ids=(stop,))
+  out = run(params, PROMPTS, config, eos_id=eos, pad_id=0)
+  for row, ref in enumerate(refs):
+    hits = np.flatnonzero(np.isin(ref, [eos, stop]))
+    n = hits[0] + 1 if len(hits) else N_NEW
+    assert out.lengths[row] == n
+    assert out.finished[row] == bool(len(hits))
+    np.testing.assert_array_equal(out.tokens[row, :n], ref[:n])  # stop token kept
+    np.testing.assert_array_equal(out.tokens[row, n:], 0)
+    np.testing.assert_array_equal(out.logprobs[row, n:], 0.0)
+  # The fixed seed gives rows stopping at eos, at the stop token, and not at all.
+  assert len(set(out.lengths.tolist())) == 3
+  assert out.finished.any() and not out.finished.all()
+
+
+def _always_eos_params(params, eos):
+  """Zeroes every block's output so the residual is the (constant) embedding,
+  and points the head at `eos`: logit(eos) = D, every other logit 0."""
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: jnp.zeros_like(x)
+      if any(getattr(k, "key", None) in ("o_proj", "down_proj") for k in path) else x, params)
+  params = dict(params)
+  params["embed_tokens"] = {"embedding": jnp.ones_like(params["embed_tokens"]["embedding"])}
+  params["lm_head"] = {"kernel": jnp.zeros_like(params["lm_head"]["kernel"]).at[:, eos].set(1.0)}
+  return params
+
+
+def test_loop_exits_when_every_row_finished(params):
+  config = dataclasses.replace(NUCLEUS, temperature=1.0, top_p=0.99)
+  out, steps = _sample(MODEL, _always_eos_params(params, EOS), PROMPTS, jax.random.key(0),
+                       config, eos_id=EOS, pad_id=0, max_cache_length=None)
+  out = jax.tree.map(np.asarray, out)
+  np.testing.assert_array_equal(out.lengths, 1)
+  assert out.finished.all()
+  np.testing.assert_array_equal(out.tokens[:, 0], EOS)
+  np.testing.assert_array_equal(out.tokens[:, 1:], 0)
+  np.testing.assert_array_equal(out.logprobs[:, 1:], 0.0)
+  assert int(steps) == 1  # not max_new_tokens: the while_loop stopped early
+
+
+SAMPLED = SamplingConfig(max_new_tokens=N_NEW, temperature=1.0, num_samples=4, prompt_bucket=8)
+
+
+def test_samples_per_prompt_differ_and_reproduce(params):
+  G = SAMPLED.num_samples
+  a, b = run(params, PROMPTS, SAMPLED, rng=7), run(params, PROMPTS, SAMPLED, rng=7)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.logprobs, b.logprobs)
+  for p in range(len(PROMPTS)):
+    rows = {tuple(r) for r in a.tokens[p * G:(p + 1) * G]}
+    assert len(rows) == G, f"prompt {p}: samples are not distinct"
+  c = run(params, PROMPTS, SAMPLED, rng=8)
+  assert (a.tokens != c.tokens).any()
+
+
+def test_prompt_results_independent_of_batch_layout(params):
+  """Keys are folded per (prompt index, sample index, step): changing the other
+  prompts (and so the padding) leaves prompt 0's samples unchanged."""
+  G = SAMPLED.num_samples
+  a = run(params, PROMPTS, SAMPLED, rng=7)
+  other = [PROMPTS[0], [3, 1, 4, 1, 5], list(range(20, 32))]
+  b = run(params, other, SAMPLED, rng=7)
+  np.testing.assert_array_equal(a.tokens[:G], b.tokens[:G])
+  np.testing.assert_allclose(a.logprobs[:G], b.logprobs[:G], atol=1e-5)
+  assert (a.tokens[G:2 * G] != b.tokens[G:2 * G]).any()
+
+
+@pytest.mark.parametrize("temp,top_k,top_p", [(0.7, 0, 0.8), (1.3, 5, 1.0)])
+def test_first_token_frequencies_match_truncated_distribution(params, temp, top_k, top_p):
+  n = 4000
+  # A sharper head so the nucleus is a handful of tokens, not most of the vocabulary.
+  sharp = dict(params, lm_head={"kernel": params["lm_head"]["kernel"] * 1.75})
+  prompt = PROMPTS[1]
+  logits = full_logits(sharp, prompt)[-1].astype(np.float64) / temp
+  probs = np.exp(logits - logits.max())
+  probs /= probs.sum()
+  order = np.argsort(-probs)
+  keep = np.zeros_like(probs, bool)
+  if top_k:
+    keep[order[:top_k]] = True
+  else:
+    before = np.cumsum(probs[order]) - probs[order]
+    keep[order[before < top_p]] = True
+  expected = np.where(keep, probs, 0.0)
+  expected /= expected.sum()
+  assert 3 <= keep.sum() <= 30, f"degenerate test distribution: {keep.sum()} tokens kept"
+
+  config = SamplingConfig(max_new_tokens=1, temperature=temp, top_k=top_k, top_p=top_p,
+                          num_samples=n, prompt_bucket=8)
+  out = run(sharp, [prompt], config, rng=11)
+  counts = np.bincount(out.tokens[:, 0], minlength=CONFIG.vocab_size)
+  assert counts[~keep].sum() == 0, "sampled a token outside the top-k / nucleus"
+  freq = counts / n
+  tol = 5 * np.sqrt(expected * (1 - expected) / n) + 1e-3
+  np.testing.assert_array_less(np.abs(freq - expected), tol)
+  # logprobs are the untruncated tempered policy, not the renormalised one.
+  np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-5)
+
+
+def test_prompt_too_long_raises_naming_the_prompt(params):
+  config = SamplingConfig(max_new_tokens=8, prompt_bucket=8)
+  with pytest.raises(ValueError, match=r"prompt 1 has 30 tokens.*38.*max_cache_length=32"):
+    run(params, [[1, 2], [3] * 30], config, max_cache_length=32)
+  with pytest.raises(ValueError, match=r"prompt 2 .*max_position_embeddings=128"):
+    run(params, [[1], [2], [3] * 125], config)
+  with pytest.raises(ValueError, match=r"prompt 1 is empty"):
+    run(params, [[1], []], config)
+  with pytest.raises(ValueError, match=r"prompt 0 has token id 97"):
+    run(params, [[1, 97]], config)
+
+
+def test_cache_length_smaller_than_bucket_still_fits(params):
+  """A caller-given cache shorter than bucket + max_new_tokens shrinks the bucket."""
+  config = dataclasses.replace(GREEDY, prompt_bucket=32)
+  out = run(params, PROMPTS, config, max_cache_length=12 + N_NEW)
+  np.testing.assert_array_equal(out.tokens, run(params, PROMPTS, GREEDY).tokens)
+
+
+def test_second_call_with_same_shapes_does_not_recompile(params):
+  run(params, PROMPTS, SAMPLED, rng=0)
+  compiled = _generate._cache_size()
+  # Other prompts in the same length bucket, another key, other traced knobs.
+  run(params, [[9, 9], [8] * 10, [7] * 16], SAMPLED, rng=1)
+  run(params, PROMPTS, dataclasses.replace(SAMPLED, temperature=0.5, stop_token_ids=(3, 4)),
+      rng=2, eos_id=5, pad_id=1)
+  assert _generate._cache_size() == compiled
+  run(params, PROMPTS + [[1] * 20], SAMPLED, rng=0)  # a new bucket does compile
+  assert _generate._cache_size() == compiled + 1
