@@ -68,7 +68,7 @@ PRESETS: dict[str, ModelConfig] = {
     # The tiny world's base model: trains on 2 CPU cores in minutes. The
     # vocabulary is the tiny world's sentencepiece model (r1jax.data.tokenizer).
     "tiny": ModelConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=384,
+        vocab_size=640, hidden_size=128, intermediate_size=384,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, tie_word_embeddings=True),
     # The distilled students of the R1 paper (shapes from their config.json).

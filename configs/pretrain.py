@@ -1,0 +1,75 @@
+"""Step 1 of the R1 recipe in the tiny world: pretrain the base model.
+
+  python -m r1jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/base
+
+`smoke` is the same pipeline shrunk to seconds (used by the tests).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from r1jax.models.config import get_preset
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in ("tiny", "smoke"):
+    raise ValueError(f"configs/pretrain.py knows presets 'tiny' and 'smoke', not {arg!r}")
+  smoke = arg == "smoke"
+  c = ml_collections.ConfigDict()
+  c.name = f"pretrain-{arg}"
+  c.stage = "pretrain"
+  c.seed = 0  # model init, data order and sampling keys derive from it
+
+  c.model = dataclasses.asdict(get_preset("tiny"))  # ModelConfig fields
+  if smoke:
+    c.model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 640  # upper bound; sentencepiece may stop short
+  c.tokenizer.num_docs = 4000 if smoke else 20000  # corpus docs it is trained on
+
+  c.data = ml_collections.ConfigDict()
+  c.data.num_docs = 4000 if smoke else 60000  # worked problems in the corpus
+  c.data.corpus_seed = 0
+  c.data.levels = (1, 2, 3, 4)  # difficulty levels (operations per problem)
+  c.data.plain_fraction = 0.5  # plain worked solutions; the rest use the R1-Zero template
+  c.data.malformed_fraction = 0.5  # share of template documents with broken tags
+  c.data.seq_len = 256  # tokens per packed row
+  c.data.batch_size = 16 if smoke else 32  # rows per step
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 3e-3  # peak
+  c.optim.warmup_steps = 10 if smoke else 100
+  c.optim.final_lr_fraction = 0.1  # cosine decays to this fraction of the peak
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.95
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.1  # matrices only
+  c.optim.clip_grad_norm = 1.0
+
+  c.train = ml_collections.ConfigDict()
+  c.train.num_steps = 30 if smoke else 1200
+  c.train.log_every = 10  # steps between metric rows
+  c.train.checkpoint_every = 10 if smoke else 200  # steps between checkpoints
+  c.train.keep_checkpoints = 2
+  c.train.max_consecutive_nonfinite = 5  # NaN/inf steps in a row before stopping
+  c.train.progress_bar = True
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1 = all remaining devices
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.seed = 1
+  c.eval.num_problems = 16 if smoke else 200  # held-out problems, level-balanced
+  c.eval.levels = (1, 2, 3, 4)
+  c.eval.num_samples = 2 if smoke else 8  # k for pass@1 (mean over k) and cons@k
+  c.eval.temperature = 0.6
+  c.eval.top_p = 0.95
+  c.eval.max_new_tokens = 32 if smoke else 128
+  c.eval.batch_size = 64  # prompts per sampler call (x num_samples rows)
+  c.eval.stop_pieces = ("</answer>",)  # generation stops after these (and EOS)
+  c.eval.num_samples_logged = 20  # problems whose completions go to eval_samples.jsonl
+  return c

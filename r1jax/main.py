@@ -1,0 +1,88 @@
+"""r1jax command line: flags -> config -> stage runner.
+
+  python -m r1jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/base \
+      [--config.train.num_steps=100 ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from r1jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config file, e.g. configs/pretrain.py:tiny.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _stage_runner(name: str):
+  # Imported lazily so `--help` and config errors do not pay for JAX start-up.
+  if name == "pretrain":
+    from r1jax.stages import pretrain
+    return pretrain.run
+  raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain')")
+
+
+def prepare_workdir(path: str) -> str:
+  """Creates WORKDIR if needed; refuses a path that is a file."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise UserError(f"--workdir={path} is a file, not a directory")
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  try:
+    config = _CONFIG.value
+    stage = config.stage
+  except OSError as e:  # ml_collections defers config-file load errors to here
+    print(f"r1jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    workdir = prepare_workdir(_WORKDIR.value)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+    results = _stage_runner(stage)(config, workdir)
+  except UserError as e:
+    print(f"r1jax: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  logging.info("results: %s", json.dumps(results, sort_keys=True))
+  print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, sort_keys=True))
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing, with config mistakes reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # ml_collections raises Key/Attribute/Value/TypeErrors
+    cause = e
+    while cause.__cause__ is not None or cause.__context__ is not None:
+      cause = cause.__cause__ or cause.__context__
+    detail = str(cause.args[0]) if isinstance(cause, KeyError) and cause.args else str(cause)
+    culprit = next((a for a in argv[1:] if isinstance(cause, KeyError) and detail in a), None)
+    if isinstance(cause, KeyError):
+      detail = f"no config field {detail!r}"
+    else:
+      detail = f"{type(cause).__name__}: {detail}"
+    where = f" {culprit}" if culprit else ""
+    print(f"r1jax: error: bad flag{where}: {detail} (see --helpfull)", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

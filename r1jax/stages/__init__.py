@@ -1,0 +1,1 @@
+"""Stage runners: one per step of the recipe, selected by `config.stage`."""

@@ -1,0 +1,143 @@
+"""Supervised next-token training (pretraining and SFT): a plain loop over a
+jitted step.
+
+Sections: step (pure function) | loop (resume, log, checkpoint).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from r1jax.checkpoint.manager import Checkpointer, abstract_like
+from r1jax.losses.sft import masked_cross_entropy
+from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
+from r1jax.trainers.metrics import MetricsWriter, plot_curves
+from r1jax.trainers.optim import learning_rate_schedule
+from r1jax.trainers.state import TrainState, create_train_state
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps produced NaN/inf loss or gradients."""
+
+
+# ---------------------------------------------------------------------------
+# Step.
+# ---------------------------------------------------------------------------
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
+               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on masked next-token loss; skips non-finite updates."""
+
+  def loss_fn(params):
+    logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                batch["segment_ids"])
+    return masked_cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
+
+  (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A NaN/inf step leaves params and optimizer moments untouched.
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+  metrics = dict(loss=loss, grad_norm=grad_norm, num_tokens=num_tokens,
+                 nonfinite=(~finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def jit_train_step(step_fn: Callable, state_shardings, mesh: Mesh):
+  """Jits `step_fn(state, batch)` once with explicit shardings and state donation."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------
+# Loop.
+# ---------------------------------------------------------------------------
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, mesh: Mesh,
+          tx: optax.GradientTransformation, init_params: Any = None,
+          rules=DEFAULT_RULES) -> TrainState:
+  """Runs `config.train.num_steps` steps, resuming from WORKDIR/checkpoints.
+
+  `dataset.batch(i)` must be a pure function of i (the data position is the step).
+  """
+  tc = config.train
+  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                      save_every=tc.checkpoint_every)
+  if ckpt.latest_step() is not None:
+    state, meta = ckpt.restore(abstract_like(state))
+    if meta.get("data_index") != int(state.step):
+      raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
+  start = int(state.step)
+
+  step_fn = functools.partial(train_step, model=model, tx=tx)
+  with mesh_rules(mesh, rules):
+    jitted = jit_train_step(step_fn, shardings, mesh)
+    writer = MetricsWriter(workdir)
+    stop = _StopOnSignal()
+    bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
+               desc=config.get("name", "train"), dynamic_ncols=True,
+               disable=not tc.get("progress_bar", True))
+    lr_at = learning_rate_schedule(config.optim, tc.num_steps)
+    window_tokens, window_start = 0.0, time.perf_counter()
+    for step in bar:
+      host_batch = dataset.batch(step)
+      window_tokens += float(host_batch["loss_weights"].sum())
+      batch = jax.device_put(host_batch, batch_sharding(mesh))
+      state, metrics = jitted(state, batch)
+      done = step + 1
+      if done % tc.log_every == 0 or done == tc.num_steps:
+        m = jax.device_get(metrics)
+        run = int(state.nonfinite_run)
+        if run > tc.max_consecutive_nonfinite:
+          raise NonFiniteError(f"{run} consecutive non-finite steps ending at step {done}")
+        elapsed = time.perf_counter() - window_start
+        m.update(tokens_per_sec=window_tokens / max(elapsed, 1e-9),
+                 learning_rate=float(lr_at(done - 1)))
+        writer.write(done, m)
+        bar.set_postfix(loss=f"{m['loss']:.3f}", gnorm=f"{m['grad_norm']:.2f}")
+        window_tokens, window_start = 0.0, time.perf_counter()
+      ckpt.save(done, state, {"data_index": done}, force=stop.requested or done == tc.num_steps)
+      if stop.requested:
+        bar.write(f"stop signal received: saved step {done}, exiting")
+        break
+    stop.restore()
+    ckpt.close()
+    writer.close()
+  plot_curves(writer.path, ["loss", "grad_norm"], os.path.join(workdir, "loss_curve.png"),
+              title=config.get("name", ""))
+  if stop.requested:
+    raise SystemExit(143)
+  return state
+
+
+class _StopOnSignal:
+  """SIGTERM (pre-emption) sets a flag so the loop saves and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def restore(self):
+    signal.signal(signal.SIGTERM, self._old)

@@ -1,0 +1,45 @@
+"""The train state pytree and its sharded creation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from r1jax.parallel.mesh import DEFAULT_RULES, replicated, sharded_init
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data position (= step)."""
+
+  step: jax.Array  # int32: optimizer steps taken (= batches consumed)
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 key data; per-step keys are fold_in(rng, step)
+  nonfinite_run: jax.Array  # int32: consecutive steps skipped for NaN/inf
+
+
+def create_train_state(model, tx: optax.GradientTransformation, mesh: Mesh, seed: int,
+                       init_params: Any = None, rules=DEFAULT_RULES):
+  """Builds a sharded TrainState; returns (state, state shardings).
+
+  `init_params` (already sharded) replaces random init, e.g. to fine-tune a base.
+  """
+  init_key, state_key = jax.random.split(jax.random.key(seed))
+  if init_params is None:
+    dummy = jnp.zeros((1, 8), jnp.int32)
+    params, _ = sharded_init(lambda: model.init(init_key, dummy)["params"], mesh, rules)
+  else:
+    params = init_params
+  opt_state = jax.jit(tx.init)(params)
+  rep = replicated(mesh)
+  state = TrainState(
+      step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
+      rng=jax.device_put(jax.random.key_data(state_key), rep),
+      nonfinite_run=jax.device_put(jnp.zeros((), jnp.int32), rep))
+  return state, jax.tree.map(lambda x: x.sharding, state)
