@@ -12,7 +12,8 @@ import pytest
 
 from r1jax.models.config import get_preset
 from r1jax.models.transformer import Transformer
-from r1jax.sampling.sampler import SamplingConfig, _generate, _sample, sample
+from r1jax.sampling.sampler import (
+    SamplingConfig, _generate, _head_logits, _sample, sample, truncate_logits)
 
 CONFIG = get_preset(
     "tiny", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -71,8 +72,8 @@ def run(params, prompts, config, rng=0, eos_id=EOS, **kw):
 
 
 GREEDY = SamplingConfig(max_new_tokens=N_NEW, temperature=0.0, prompt_bucket=8)
-# Temperature, the top_p value and eos/stop ids are traced: tests that vary only
-# those share this compiled program.
+# Temperature, top_k, top_p and eos/stop ids are traced: tests that vary only
+# those (and stay in "truncated" mode) share this compiled program.
 NUCLEUS = SamplingConfig(max_new_tokens=N_NEW, temperature=0.7, top_p=0.9, num_samples=3,
                          prompt_bucket=8)
 
@@ -101,8 +102,21 @@ def test_logprobs_are_tempered_untruncated_policy(params):
     np.testing.assert_array_equal(out.logprobs[row, n:], 0.0)
 
 
+@pytest.mark.parametrize("top_k,top_p,kept", [
+    (0, 1.0, 5), (0, 0.65, 2), (0, 0.75, 3), (0, 1e-6, 1), (3, 1.0, 3), (1, 1.0, 1),
+    # top-p over the top-4 renormalised: 0.5/0.95 + 0.2/0.95 = 0.737 < 0.8.
+    (4, 0.8, 3), (4, 0.7, 2)])
+def test_truncate_logits_keeps_the_expected_set(top_k, top_p, kept):
+  probs = np.array([0.05, 0.5, 0.1, 0.2, 0.15])  # order 1, 3, 4, 2, 0
+  out = np.asarray(truncate_logits(jnp.log(jnp.asarray(probs[None], jnp.float32)),
+                                   jnp.int32(top_k), jnp.float32(top_p)))[0]
+  expected = np.isin(np.arange(5), [1, 3, 4, 2, 0][:kept])
+  np.testing.assert_array_equal(np.isfinite(out), expected)
+  np.testing.assert_allclose(out[expected], np.log(probs[expected]), rtol=1e-6)
+
+
 @pytest.mark.parametrize("config", [
-    dataclasses.replace(GREEDY, temperature=1.0, top_k=1),
+    dataclasses.replace(NUCLEUS, temperature=1.0, top_k=1, top_p=1.0),
     dataclasses.replace(NUCLEUS, temperature=1.0, top_p=1e-6)], ids=["top_k=1", "top_p=1e-6"])
 def test_truncation_to_one_token_is_greedy(params, config):
   greedy = run(params, PROMPTS, GREEDY)
@@ -212,6 +226,24 @@ def test_first_token_frequencies_match_truncated_distribution(params, temp, top_
   np.testing.assert_allclose(out.logprobs[:, 0], np.log(probs[out.tokens[:, 0]]), atol=1e-5)
 
 
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_last_position_head_matches_model_logits(tied):
+  """The sampler projects only the last prefill position with its own copy of
+  the output head; it must match the model's."""
+  model = Transformer(CONFIG.replace(tie_word_embeddings=tied))
+  params = random_params(model)
+  tokens = jnp.asarray([PROMPTS[2]], jnp.int32)
+
+  @jax.jit
+  def both(params):
+    logits, _ = model.apply({"params": params}, tokens)
+    hidden, _ = model.apply({"params": params}, tokens, return_hidden=True)
+    return logits[:, -1], _head_logits(model, params, hidden[:, -1])
+
+  want, got = both(params)
+  np.testing.assert_allclose(got, want, atol=1e-6, rtol=0)
+
+
 def test_prompt_too_long_raises_naming_the_prompt(params):
   config = SamplingConfig(max_new_tokens=8, prompt_bucket=8)
   with pytest.raises(ValueError, match=r"prompt 1 has 30 tokens.*38.*max_cache_length=32"):
@@ -225,9 +257,10 @@ def test_prompt_too_long_raises_naming_the_prompt(params):
 
 
 def test_cache_length_smaller_than_bucket_still_fits(params):
-  """A caller-given cache shorter than bucket + max_new_tokens shrinks the bucket."""
+  """A caller-given cache shorter than bucket + max_new_tokens shrinks the bucket
+  (here to 16, GREEDY's bucket: the same shapes, so no extra compile)."""
   config = dataclasses.replace(GREEDY, prompt_bucket=32)
-  out = run(params, PROMPTS, config, max_cache_length=12 + N_NEW)
+  out = run(params, PROMPTS, config, max_cache_length=16 + N_NEW)
   np.testing.assert_array_equal(out.tokens, run(params, PROMPTS, GREEDY).tokens)
 
 

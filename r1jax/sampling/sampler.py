@@ -82,9 +82,10 @@ def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: ja
     params: the model's (unboxed) params pytree.
     prompts: B token-id lists, each non-empty.
     rng: a PRNG key; see the module docstring for how it is folded.
-    config: sampling knobs. One compile per (model, shapes, max_new_tokens,
-      num_samples, greedy or not, top_k, top_p on or off); temperature, the
-      top_p value, eos/stop/pad ids and the prompts' contents are traced.
+    config: sampling knobs. One compile per model, shapes (prompt bucket,
+      max_new_tokens, num_samples, cache length) and mode (greedy, plain
+      sampling, or truncated by top-k/top-p); temperature, top_k, top_p and
+      eos/stop/pad ids are traced, so sweeping them does not recompile.
     eos_id: end-of-sequence id; generation of a row stops after it.
     pad_id: id written after a row's end (and used to left-pad prompts).
     max_cache_length: KV-cache slots; default bucketed prompt length + max_new_tokens.
@@ -107,10 +108,10 @@ def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_le
   stop_ids += (eos_id,) * (-len(stop_ids) % 8)
   return _generate(
       model, params, tokens_BP, lengths_B, rng, np.float32(config.temperature),
-      np.float32(config.top_p), np.asarray(stop_ids, np.int32), np.int32(pad_id),
-      max_new_tokens=config.max_new_tokens, num_samples=config.num_samples,
-      greedy=config.temperature == 0.0, top_k=config.top_k, use_top_p=config.top_p < 1.0,
-      max_cache_length=max_cache_length)
+      np.int32(config.top_k), np.float32(config.top_p), np.asarray(stop_ids, np.int32),
+      np.int32(pad_id), max_new_tokens=config.max_new_tokens,
+      num_samples=config.num_samples, greedy=config.temperature == 0.0,
+      truncate=config.top_k > 0 or config.top_p < 1.0, max_cache_length=max_cache_length)
 
 
 def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
@@ -154,12 +155,11 @@ def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "model", "max_new_tokens", "num_samples", "greedy", "top_k", "use_top_p",
-    "max_cache_length"))
+    "model", "max_new_tokens", "num_samples", "greedy", "truncate", "max_cache_length"))
 def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.Array,
-              rng: jax.Array, temperature: jax.Array, top_p: jax.Array, stop_ids: jax.Array,
-              pad_id: jax.Array, *, max_new_tokens: int, num_samples: int, greedy: bool,
-              top_k: int, use_top_p: bool,
+              rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+              stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
+              num_samples: int, greedy: bool, truncate: bool,
               max_cache_length: int) -> tuple[SampleOutput, jax.Array]:
   """Prefill + decode loop. Returns the output and the number of decode steps run."""
   B, P = tokens_BP.shape
@@ -189,8 +189,7 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
     """Samples token `step` of every row; rows already done get pad / 0."""
     step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
     token_B, logprob_B = _sample_tokens(
-        logits_BV, step_keys_B, temperature, top_p, greedy=greedy, top_k=top_k,
-        use_top_p=use_top_p)
+        logits_BV, step_keys_B, temperature, top_k, top_p, greedy=greedy, truncate=truncate)
     token_B = jnp.where(done_B, pad_id, token_B)
     logprob_B = jnp.where(done_B, 0.0, logprob_B)
     return token_B, logprob_B
@@ -242,8 +241,8 @@ def _head_logits(model: Transformer, params, hidden_BD: jax.Array) -> jax.Array:
 
 
 def _sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Array,
-                   top_p: jax.Array, *, greedy: bool, top_k: int,
-                   use_top_p: bool) -> tuple[jax.Array, jax.Array]:
+                   top_k: jax.Array, top_p: jax.Array, *, greedy: bool,
+                   truncate: bool) -> tuple[jax.Array, jax.Array]:
   """One token per row and its log-prob under the untruncated tempered policy."""
   logits_BV = logits_BV.astype(jnp.float32)
   if greedy:
@@ -252,35 +251,36 @@ def _sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Arr
   else:
     scaled_BV = logits_BV / temperature
     logp_BV = jax.nn.log_softmax(scaled_BV, axis=-1)
-    truncated_BV = truncate_logits(scaled_BV, top_k=top_k, top_p=top_p if use_top_p else None)
+    if truncate:
+      scaled_BV = truncate_logits(scaled_BV, top_k, top_p)
     # Gumbel-max with a key per row: a row's draw is independent of the batch.
     gumbel_BV = jax.vmap(
         lambda k: jax.random.gumbel(k, logits_BV.shape[-1:], jnp.float32))(keys_B)
-    token_B = jnp.argmax(truncated_BV + gumbel_BV, axis=-1).astype(jnp.int32)
+    token_B = jnp.argmax(scaled_BV + gumbel_BV, axis=-1).astype(jnp.int32)
   logprob_B = jnp.take_along_axis(logp_BV, token_B[:, None], axis=-1)[:, 0]
   return token_B, logprob_B
 
 
-def truncate_logits(logits_BV: jax.Array, *, top_k: int = 0,
-                    top_p: Optional[jax.Array] = None) -> jax.Array:
+def truncate_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0,
+                    top_p: jax.Array | float = 1.0) -> jax.Array:
   """Sets logits outside the top-k, then outside the nucleus, to -inf.
 
-  top_k: static; 0 = off. top_p: a float or traced scalar in (0, 1]; None = off.
-  Top-p is applied to the top-k-renormalised distribution (the Hugging Face
-  warper order); it keeps the smallest set of most likely tokens whose
+  top_k (0 = off) and top_p (1.0 = off) may be traced scalars: one sort serves
+  both. Top-p is applied to the top-k-renormalised distribution (the Hugging
+  Face warper order); it keeps the smallest set of most likely tokens whose
   cumulative probability is >= top_p, and always the most likely token.
   Tokens tied with the last kept one are kept too.
   """
   V = logits_BV.shape[-1]
-  if 0 < top_k < V:
-    kth_B1 = jax.lax.top_k(logits_BV, top_k)[0][:, -1:]
-    logits_BV = jnp.where(logits_BV < kth_B1, -jnp.inf, logits_BV)
-  if top_p is not None:
-    probs_BV = jax.nn.softmax(logits_BV, axis=-1)
-    sorted_BV = -jnp.sort(-probs_BV, axis=-1)
-    # Keep a token while the mass strictly before it is < top_p.
-    before_BV = jnp.cumsum(sorted_BV, axis=-1) - sorted_BV
-    keep_BV = (before_BV < top_p).at[:, 0].set(True)
-    threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-    logits_BV = jnp.where(probs_BV < threshold_B1, -jnp.inf, logits_BV)
-  return logits_BV
+  sorted_BV = -jnp.sort(-logits_BV, axis=-1)
+  kth_B1 = jnp.take(sorted_BV, jnp.clip(top_k - 1, 0, V - 1), axis=-1)[:, None]
+  kth_B1 = jnp.where(top_k > 0, kth_B1, -jnp.inf)
+  sorted_BV = jnp.where(sorted_BV < kth_B1, -jnp.inf, sorted_BV)
+  sorted_probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+  # Keep a token while the mass strictly before it is < top_p (top_p = 1 keeps
+  # all of the top-k: a float32 cumsum may reach 1 before the tail).
+  before_BV = jnp.cumsum(sorted_probs_BV, axis=-1) - sorted_probs_BV
+  keep_BV = ((before_BV < top_p) | (top_p >= 1.0)) & (sorted_BV >= kth_B1)
+  keep_BV = keep_BV.at[:, 0].set(True)
+  threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
