@@ -94,17 +94,22 @@ class Transformer(nn.Module):
                return_hidden: bool = False):
     """Args:
       tokens_BT: int token ids.
-      positions_BT: rotary positions (default 0..T-1); restart per packed segment.
+      positions_BT: rotary positions (default: consecutive from the cache index, or
+        0..T-1); restart them per packed segment, and pass them for left-padded rows.
       segment_ids_BT: packed-document ids, 0 for padding (default: all 1).
       cache: a KVCache to extend (prefill/decode), or None for a training forward.
+        With a cache every non-zero segment id counts as one document (no packing),
+        and the caller keeps cache.index + T <= cache.max_length (writes past the
+        end would be clamped by dynamic_update_slice; the sampler checks it).
       return_hidden: return the final normed hidden states [B, T, D] instead of logits.
     Returns:
       (logits_BTV float32 or hidden_BTD, the updated cache or None).
     """
     c = self.config
     B, T = tokens_BT.shape
-    if positions_BT is None:
-      positions_BT = jnp.broadcast_to(jnp.arange(T), (B, T))
+    if positions_BT is None:  # contiguous from the cache's write slot (no left padding)
+      start = 0 if cache is None else cache.index
+      positions_BT = jnp.broadcast_to(start + jnp.arange(T), (B, T))
     if segment_ids_BT is None:
       segment_ids_BT = jnp.ones((B, T), jnp.int32)
     if cache is None:
