@@ -24,7 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.errors import UserError
 from r1jax.models.transformer import KVCache, Transformer, init_cache
+
+
+class SamplingError(UserError, ValueError):
+  """Bad sampling input: a prompt that does not fit, an id outside the vocabulary."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,17 +46,17 @@ class SamplingConfig:
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+      raise SamplingError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
     if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0")
+      raise SamplingError(f"temperature={self.temperature} must be >= 0")
     if not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+      raise SamplingError(f"top_p={self.top_p} must be in (0, 1]")
     if self.top_k < 0:
-      raise ValueError(f"top_k={self.top_k} must be >= 0")
+      raise SamplingError(f"top_k={self.top_k} must be >= 0")
     if self.num_samples < 1:
-      raise ValueError(f"num_samples={self.num_samples} must be >= 1")
+      raise SamplingError(f"num_samples={self.num_samples} must be >= 1")
     if self.prompt_bucket < 1:
-      raise ValueError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+      raise SamplingError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
     # Lists (e.g. from an ml_collections config) would make the config unhashable.
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -92,7 +97,7 @@ def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: ja
   Returns:
     A SampleOutput of device arrays with B * num_samples rows.
   Raises:
-    ValueError: an empty prompt, a token id outside the vocabulary, or a prompt
+    SamplingError (a ValueError): an empty prompt, a token id outside the vocabulary, or a prompt
       that with max_new_tokens does not fit the cache or the model's positions.
   """
   return _sample(model, params, prompts, rng, config, eos_id=eos_id, pad_id=pad_id,
@@ -121,9 +126,9 @@ def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
   for name, tok in [("eos_id", eos_id), ("pad_id", pad_id)] + [
       ("stop_token_ids", t) for t in config.stop_token_ids]:
     if not 0 <= tok < vocab:
-      raise ValueError(f"{name}={tok} is outside the vocabulary [0, {vocab})")
+      raise SamplingError(f"{name}={tok} is outside the vocabulary [0, {vocab})")
   if not len(prompts):
-    raise ValueError("no prompts to sample from")
+    raise SamplingError("no prompts to sample from")
   prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
   max_len = max(len(p) for p in prompts)
   bucketed = -(-max_len // config.prompt_bucket) * config.prompt_bucket
@@ -131,19 +136,19 @@ def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
     max_cache_length = bucketed + N
   for i, p in enumerate(prompts):
     if len(p) == 0:
-      raise ValueError(f"prompt {i} is empty")
+      raise SamplingError(f"prompt {i} is empty")
     if len(p) + N > max_cache_length:
-      raise ValueError(
+      raise SamplingError(
           f"prompt {i} has {len(p)} tokens; with max_new_tokens={N} it needs "
           f"{len(p) + N} cache slots > max_cache_length={max_cache_length}")
     if len(p) + N > max_pos:
-      raise ValueError(
+      raise SamplingError(
           f"prompt {i} has {len(p)} tokens; with max_new_tokens={N} it reaches position "
           f"{len(p) + N - 1} >= max_position_embeddings={max_pos}")
     bad = (p < 0) | (p >= vocab)
     if bad.any():
       j = int(np.argmax(bad))
-      raise ValueError(f"prompt {i} has token id {int(p[j])} at index {j}, outside "
+      raise SamplingError(f"prompt {i} has token id {int(p[j])} at index {j}, outside "
                        f"the vocabulary [0, {vocab})")
   # The bucket may not fit a caller-given cache; shrink it (still >= max_len).
   P = min(bucketed, max_cache_length - N)
