@@ -26,10 +26,14 @@ def _generate(model, params, tokenizer: Tokenizer, prompts: list[list[int]], rng
               sc: SamplingConfig, batch_size: int) -> list[tuple[str, int]]:
   """(completion text, generated length) per row, prompt-major, in batches."""
   out = []
+  batch_size = min(batch_size, len(prompts))
   for b, start in enumerate(range(0, len(prompts), batch_size)):
-    res = sample(model, params, prompts[start:start + batch_size], jax.random.fold_in(rng, b),
+    chunk = prompts[start:start + batch_size]
+    real = len(chunk) * sc.num_samples
+    chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # same shape: no recompile
+    res = sample(model, params, chunk, jax.random.fold_in(rng, b),
                  sc, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-    tokens, lengths = np.asarray(res.tokens), np.asarray(res.lengths)
+    tokens, lengths = np.asarray(res.tokens)[:real], np.asarray(res.lengths)[:real]
     out += [(tokenizer.decode(t[:n].tolist()), int(n)) for t, n in zip(tokens, lengths)]
   return out
 
