@@ -29,6 +29,19 @@ def _stage_runner(name: str):
   raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain')")
 
 
+def load_config(spec: str):
+  """`path/to/config.py[:arg]` -> its get_config(arg), for notebooks and scripts."""
+  import importlib.util
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise UserError(f"config file {path} does not exist")
+  module_spec = importlib.util.spec_from_file_location(
+      f"r1jax_config_{os.path.basename(path)[:-3]}", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  return module.get_config(arg) if arg else module.get_config()
+
+
 def prepare_workdir(path: str) -> str:
   """Creates WORKDIR if needed; refuses a path that is a file."""
   path = os.path.abspath(path)
