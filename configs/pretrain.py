@@ -30,17 +30,17 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.tokenizer.num_docs = 4000 if smoke else 20000  # corpus docs it is trained on
 
   c.data = ml_collections.ConfigDict()
-  c.data.num_docs = 4000 if smoke else 60000  # worked problems in the corpus
+  c.data.num_docs = 4000 if smoke else 30000  # worked problems in the corpus
   c.data.corpus_seed = 0
   c.data.levels = (1, 2, 3, 4)  # difficulty levels (operations per problem)
-  c.data.plain_fraction = 0.5  # plain worked solutions; the rest use the R1-Zero template
+  c.data.plain_fraction = 0.75  # plain worked solutions; the rest use the R1-Zero template
   c.data.malformed_fraction = 0.5  # share of template documents with broken tags
   c.data.seq_len = 256  # tokens per packed row
-  c.data.batch_size = 16 if smoke else 32  # rows per step
+  c.data.batch_size = 16  # rows per step
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3  # peak
-  c.optim.warmup_steps = 10 if smoke else 100
+  c.optim.warmup_steps = 10 if smoke else 50
   c.optim.final_lr_fraction = 0.1  # cosine decays to this fraction of the peak
   c.optim.b1 = 0.9
   c.optim.b2 = 0.95
@@ -49,7 +49,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.optim.clip_grad_norm = 1.0
 
   c.train = ml_collections.ConfigDict()
-  c.train.num_steps = 30 if smoke else 1200
+  c.train.num_steps = 30 if smoke else 400
   c.train.log_every = 10  # steps between metric rows
   c.train.checkpoint_every = 10 if smoke else 200  # steps between checkpoints
   c.train.keep_checkpoints = 2

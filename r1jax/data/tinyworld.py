@@ -28,8 +28,8 @@ LEVELS = (1, 2, 3, 4)
 LANGS = ("en", "la")
 MODES = ("en", "la", "mixed")  # reasoning-language modes of a worked solution
 
-MAX_LEAF = 30  # operands are drawn from 1..MAX_LEAF
-MAX_VALUE = 999  # every intermediate and final result lies in [0, MAX_VALUE]
+MAX_LEAF = 12  # operands are drawn from 1..MAX_LEAF (few facts: a tiny model learns them)
+MAX_VALUE = 199  # every intermediate and final result lies in [0, MAX_VALUE]
 # One factor of every product is a single digit: a tiny model can learn
 # "digit times number", while two-digit by two-digit products are out of reach.
 MAX_SMALL_FACTOR = 9
