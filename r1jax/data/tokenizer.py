@@ -113,31 +113,31 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str | os.PathLike, *
   model_prefix = os.fspath(model_prefix)
   os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
   spm.set_random_generator_seed(seed)
-  # sentencepiece logs its progress to stderr; errors still raise.
-  with open(os.devnull, "w") as devnull:
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=model_prefix,
-        # BPE: unigram pruning on this small, repetitive corpus stops at ~400
-        # pieces and splits common words, doubling document lengths.
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        # Plain documents have line breaks: "\n" gets a piece, not a byte.
-        user_defined_symbols=list(TAGS) + ["\n"],
-        split_digits=True,
-        byte_fallback=True,  # any text encodes, with bytes for unseen characters
-        character_coverage=1.0,
-        # Identity normalisation and no whitespace folding or dummy prefix: decode
-        # inverts encode exactly, and a prompt/completion split at a space
-        # tokenizes the same apart as joined.
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        num_threads=1,
-        logstream=devnull,
-    )
+  # minloglevel=2 silences sentencepiece's progress log (errors still raise);
+  # its `logstream` redirect needs sys.stderr.fileno(), which notebooks lack.
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts),
+      model_prefix=model_prefix,
+      # BPE: unigram pruning on this small, repetitive corpus stops at ~400
+      # pieces and splits common words, doubling document lengths.
+      model_type="bpe",
+      vocab_size=vocab_size,
+      hard_vocab_limit=False,
+      pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+      # Plain documents have line breaks: "\n" gets a piece, not a byte.
+      user_defined_symbols=list(TAGS) + ["\n"],
+      split_digits=True,
+      byte_fallback=True,  # any text encodes, with bytes for unseen characters
+      character_coverage=1.0,
+      # Identity normalisation and no whitespace folding or dummy prefix: decode
+      # inverts encode exactly, and a prompt/completion split at a space
+      # tokenizes the same apart as joined.
+      normalization_rule_name="identity",
+      remove_extra_whitespaces=False,
+      add_dummy_prefix=False,
+      num_threads=1,
+      minloglevel=2,
+  )
   return model_prefix + ".model"
 
 
