@@ -144,6 +144,13 @@ class Transformer(nn.Module):
     return logits_BTV, new_cache
 
 
+def output_weights_DV(config: ModelConfig, params) -> jax.Array:
+  """The [D, V] matrix mapping final hidden states to logits (tied or untied)."""
+  if config.tie_word_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
 def count_params(params) -> int:
   """Number of scalars in a (possibly abstract) params pytree."""
   return sum(int(x.size) for x in jax.tree.leaves(params))

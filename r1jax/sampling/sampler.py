@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.errors import UserError
-from r1jax.models.transformer import KVCache, Transformer, init_cache
+from r1jax.models.transformer import KVCache, Transformer, init_cache, output_weights_DV
 
 
 class SamplingError(UserError, ValueError):
@@ -236,12 +236,8 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
 def _head_logits(model: Transformer, params, hidden_BD: jax.Array) -> jax.Array:
   """The model's output head on final normed hidden states, in float32."""
   c = model.config
-  if c.tie_word_embeddings:
-    w_VD = params["embed_tokens"]["embedding"].astype(c.dtype)
-    logits_BV = jnp.einsum("BD,VD->BV", hidden_BD.astype(c.dtype), w_VD)
-  else:
-    w_DV = params["lm_head"]["kernel"].astype(c.dtype)
-    logits_BV = jnp.einsum("BD,DV->BV", hidden_BD.astype(c.dtype), w_DV)
+  w_DV = output_weights_DV(c, params).astype(c.dtype)
+  logits_BV = jnp.einsum("BD,DV->BV", hidden_BD.astype(c.dtype), w_DV)
   return logits_BV.astype(jnp.float32)
 
 
