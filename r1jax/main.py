@@ -68,7 +68,10 @@ def main(argv):
       f.write(config.to_json_best_effort(indent=2))
     results = _stage_runner(stage)(config, workdir)
   except UserError as e:
-    print(f"r1jax: error: {e}", file=sys.stderr)
+    print(f"r1jax: error: {e}", file=sys.stderr, flush=True)
+    # A failed orbax restore leaves tensorstore reads in flight whose callbacks
+    # print "Event loop is closed" tracebacks as they land: the error is said.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
     sys.exit(2)
   logging.info("results: %s", json.dumps(results, sort_keys=True))
   print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, sort_keys=True))

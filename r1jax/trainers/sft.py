@@ -95,7 +95,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
     stop = _StopOnSignal()
     bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                desc=config.get("name", "train"), dynamic_ncols=True,
-               disable=not tc.get("progress_bar", True))
+               disable=not tc.get("progress_bar", True) or start >= tc.num_steps)
     lr_at = learning_rate_schedule(config.optim, tc.num_steps)
     window_tokens, window_start = 0.0, time.perf_counter()
     for step in bar:
