@@ -36,8 +36,12 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh: Mesh, seed
     params, _ = sharded_init(lambda: model.init(init_key, dummy)["params"], mesh, rules)
   else:
     params = init_params
-  opt_state = jax.jit(tx.init)(params)
   rep = replicated(mesh)
+  # Moments follow their params' shardings; scalars (Adam's count) would land
+  # on one device, so anything not spread over the mesh is replicated on it.
+  opt_state = jax.tree.map(
+      lambda x: x if x.sharding.device_set == set(mesh.devices.flat) else jax.device_put(x, rep),
+      jax.jit(tx.init)(params))
   state = TrainState(
       step=jax.device_put(jnp.zeros((), jnp.int32), rep), params=params, opt_state=opt_state,
       rng=jax.device_put(jax.random.key_data(state_key), rep),
