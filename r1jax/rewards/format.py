@@ -1,4 +1,4 @@
-"""R1-Zero format rule: `<think>…</think>` then `<answer>…</answer>`, nothing after."""
+"""Format rewards: the strict R1-Zero rule and open-r1's partial-credit tag count."""
 
 from __future__ import annotations
 
@@ -13,3 +13,20 @@ def format_reward(completion: str) -> float:
   if any(completion.count(t) != 1 for t in _TAGS):
     return 0.0
   return float(_FORMAT_RE.match(completion) is not None)
+
+
+def tag_count_reward(completion: str) -> float:
+  """0.25 per tag that appears exactly once (repeating a tag earns nothing for it)."""
+  return 0.25 * sum(completion.count(t) == 1 for t in _TAGS)
+
+
+def format_reward_fn(prompt: str, completion: str, reference: str) -> float:
+  """`format_reward` in the `(prompt, completion, reference)` reward signature."""
+  del prompt, reference
+  return format_reward(completion)
+
+
+def tag_count_reward_fn(prompt: str, completion: str, reference: str) -> float:
+  """`tag_count_reward` in the `(prompt, completion, reference)` reward signature."""
+  del prompt, reference
+  return tag_count_reward(completion)
