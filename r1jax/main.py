@@ -26,7 +26,10 @@ def _stage_runner(name: str):
   if name == "pretrain":
     from r1jax.stages import pretrain
     return pretrain.run
-  raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain')")
+  if name == "r1_zero":
+    from r1jax.stages import r1_zero
+    return r1_zero.run
+  raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain', 'r1_zero')")
 
 
 def load_config(spec: str):

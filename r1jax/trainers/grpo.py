@@ -1,0 +1,251 @@
+"""GRPO (design.md §1): a plain loop over jitted pieces.
+
+Per step: draw prompts -> sample G completions with the current params ->
+rule rewards -> group advantages -> right-padded train batch -> (reference
+forward when beta > 0) -> `updates_per_rollout` optimizer steps on the GRPO loss.
+
+Sections: batch (host side) | step (pure functions) | loop.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from jax.sharding import Mesh
+from tqdm import tqdm
+
+from r1jax.checkpoint.manager import Checkpointer, abstract_like
+from r1jax.data import tinyworld
+from r1jax.data.templates import r1_zero_prompt
+from r1jax.losses.grpo import GRPOLoss, group_advantages, token_logprobs
+from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
+from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn, tag_count_reward_fn
+from r1jax.sampling.sampler import SamplingConfig, sample
+from r1jax.trainers.metrics import MetricsWriter, plot_curves
+from r1jax.trainers.optim import learning_rate_schedule
+from r1jax.trainers.sft import NonFiniteError, _StopOnSignal, jit_train_step
+from r1jax.trainers.state import TrainState, create_train_state
+
+
+# ---------------------------------------------------------------------------
+# Batch.
+# ---------------------------------------------------------------------------
+
+def build_batch(prompts: Sequence[Sequence[int]], group_size: int, tokens_BN: np.ndarray,
+                logprobs_BN: np.ndarray, lengths_B: np.ndarray, finished_B: np.ndarray,
+                advantages_B: np.ndarray, *, pad_id: int, bucket: int = 32) -> dict[str, np.ndarray]:
+  """Right-padded prompt+completion rows; per-token arrays are aligned to targets.
+
+  Row b = prompts[b // G] + tokens_BN[b, :lengths_B[b]]. `targets[:, t]` is
+  `tokens[:, t + 1]`; `mask`/`old_logp` are set where the target is a generated
+  token (stop token included). T is bucketed so few shapes compile.
+  """
+  B, N = tokens_BN.shape
+  max_len = max(len(p) for p in prompts) + N
+  T = -(-(max_len + 1) // bucket) * bucket  # +1: targets are tokens shifted by one
+  tokens = np.full((B, T), pad_id, np.int32)
+  segment_ids = np.zeros((B, T), np.int32)
+  mask = np.zeros((B, T - 1), np.float32)
+  old_logp = np.zeros((B, T - 1), np.float32)
+  for b in range(B):
+    p = np.asarray(prompts[b // group_size], np.int32)
+    P, L = len(p), int(lengths_B[b])
+    tokens[b, :P] = p
+    tokens[b, P:P + L] = tokens_BN[b, :L]
+    segment_ids[b, :P + L] = 1
+    mask[b, P - 1:P - 1 + L] = 1.0  # logits at P-1 predict the first completion token
+    old_logp[b, P - 1:P - 1 + L] = logprobs_BN[b, :L]
+  positions = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+  return dict(tokens=tokens, positions=positions, segment_ids=segment_ids, mask=mask,
+              old_logp=old_logp, advantages=np.asarray(advantages_B, np.float32),
+              truncated=~np.asarray(finished_B, bool))
+
+
+# ---------------------------------------------------------------------------
+# Step.
+# ---------------------------------------------------------------------------
+
+def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float) -> jax.Array:
+  """log π(target) at every position: logp_B(T-1) under logits / temperature."""
+  logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                              batch["segment_ids"])
+  return token_logprobs(logits_BTV[:, :-1], batch["tokens"][:, 1:], temperature)
+
+
+def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss: GRPOLoss,
+                    tx: optax.GradientTransformation, temperature: float
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the GRPO loss; skips non-finite updates (as sft.train_step)."""
+
+  def loss_fn(params):
+    logp_BT = policy_logprobs(params, batch, model=model, temperature=temperature)
+    return loss.apply({}, logp_BT, batch["old_logp"], batch.get("ref_logp"),
+                      batch["advantages"], batch["mask"], batch["truncated"])
+
+  (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+  metrics = dict(metrics, loss=value, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
+  return new_state, metrics
+
+
+def make_loss(gc: ml_collections.ConfigDict) -> GRPOLoss:
+  return GRPOLoss(beta=gc.beta, epsilon_low=gc.epsilon_low, epsilon_high=gc.epsilon_high,
+                  loss_aggregation=gc.loss_aggregation, max_completion_length=gc.max_new_tokens,
+                  mask_truncated=gc.mask_truncated)
+
+
+# ---------------------------------------------------------------------------
+# Loop.
+# ---------------------------------------------------------------------------
+
+def reward_fns(gc: ml_collections.ConfigDict) -> dict:
+  """name -> (fn, weight): accuracy and format, plus tag-count when weighted."""
+  fns = {"accuracy": (accuracy_reward_fn, gc.accuracy_weight),
+         "format": (format_reward_fn, gc.format_weight)}
+  if gc.get("tag_count_weight", 0.0):
+    fns["tag_count"] = (tag_count_reward_fn, gc.tag_count_weight)
+  return fns
+
+
+def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int) -> list:
+  """The prompts of step `step`: a pure function of (seed, step)."""
+  return tinyworld.generate_problems("train", gc.prompts_per_step, seed * 1_000_003 + step,
+                                     tuple(gc.levels))
+
+
+def _ckpt_tree(state: TrainState, ref_params: Any) -> dict:
+  return {"state": state} if ref_params is None else {"state": state, "ref": ref_params}
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, mesh: Mesh,
+          tx: optax.GradientTransformation, init_params: Any, rules=DEFAULT_RULES) -> TrainState:
+  """Runs `config.grpo.num_steps` GRPO steps from `init_params`, resuming from
+  WORKDIR/checkpoints. Writes metrics.jsonl, samples.jsonl and reward_curve.png."""
+  gc, tc = config.grpo, config.train
+  G, mu = gc.num_generations, gc.updates_per_rollout
+  num_updates = gc.num_steps * mu
+  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules)
+  # The reference policy: the initial params, refreshed every ref_refresh_every
+  # steps. Not held at all when beta == 0 (no KL term, no reference forward).
+  use_ref = gc.beta > 0
+  ref_params = jax.tree.map(jnp.copy, init_params) if use_ref else None
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
+                      save_every=tc.checkpoint_every)
+  start = 0
+  if ckpt.latest_step() is not None:
+    tree, meta = ckpt.restore(abstract_like(_ckpt_tree(state, ref_params)))
+    state, ref_params = tree["state"], tree.get("ref")
+    start = int(meta["grpo_step"])
+    if int(state.step) != start * mu:
+      raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
+
+  loss = make_loss(gc)
+  step_fn = functools.partial(grpo_train_step, model=model, loss=loss, tx=tx,
+                              temperature=gc.temperature)
+  ref_fn = jax.jit(functools.partial(policy_logprobs, model=model, temperature=gc.temperature))
+  stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
+  sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
+                      top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids)
+  rewards = RewardRunner(reward_fns(gc), timeout_s=gc.reward_timeout_s, workers=gc.reward_workers)
+  lr_at = learning_rate_schedule(config.optim, num_updates)
+  writer = MetricsWriter(workdir)
+  samples_path = os.path.join(workdir, "samples.jsonl")
+  with mesh_rules(mesh, rules):
+    jitted = jit_train_step(step_fn, shardings, mesh)
+    stop = _StopOnSignal()
+    bar = tqdm(range(start, gc.num_steps), initial=start, total=gc.num_steps,
+               desc=config.get("name", "grpo"), dynamic_ncols=True,
+               disable=not tc.get("progress_bar", True) or start >= gc.num_steps)
+    try:
+      for step in bar:
+        if use_ref and gc.ref_refresh_every and step > 0 and step % gc.ref_refresh_every == 0:
+          ref_params = jax.tree.map(jnp.copy, state.params)
+        # Keys are folded by step, so a resumed run samples what it would have.
+        sample_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
+
+        # Rollout.
+        problems = step_problems(gc, config.seed, step)
+        texts = [r1_zero_prompt(p.question) for p in problems]
+        prompts = [tokenizer.encode(t) for t in texts]
+        t0 = time.perf_counter()
+        out = jax.device_get(sample(model, state.params, prompts, sample_key, sc,
+                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+        t_sample = time.perf_counter() - t0
+        lengths = np.asarray(out.lengths)
+        completions = [tokenizer.decode(t[:n].tolist()) for t, n in zip(out.tokens, lengths)]
+        total_N, _, reward_stats = rewards.score(
+            [t for t in texts for _ in range(G)], completions,
+            [p.answer for p in problems for _ in range(G)])
+        rewards_BG = total_N.reshape(len(problems), G)
+        advantages = np.asarray(group_advantages(jnp.asarray(rewards_BG),
+                                                 scale_by_std=gc.scale_rewards)).reshape(-1)
+
+        # Update.
+        host = build_batch(prompts, G, np.asarray(out.tokens), np.asarray(out.logprobs),
+                           lengths, np.asarray(out.finished), advantages, pad_id=tokenizer.pad_id)
+        batch = jax.device_put(host, batch_sharding(mesh))
+        if use_ref:
+          batch["ref_logp"] = ref_fn(ref_params, batch)
+        t0 = time.perf_counter()
+        for _ in range(mu):
+          state, metrics = jitted(state, batch)
+        m = jax.device_get(metrics)
+        t_train = time.perf_counter() - t0
+
+        done = step + 1
+        run = int(state.nonfinite_run)
+        if run > tc.max_consecutive_nonfinite:
+          raise NonFiniteError(f"{run} consecutive non-finite updates ending at GRPO step {done}")
+        group_std = rewards_BG.std(axis=1)
+        m.update({
+            "reward": float(rewards_BG.mean()),
+            "reward_std": float(group_std.mean()),
+            "frac_reward_zero_std": float((group_std == 0).mean()),
+            **{k: v for k, v in reward_stats.items() if k.endswith("/mean")},
+            "completions/mean_length": float(lengths.mean()),
+            "completions/clipped_ratio": float(host["truncated"].mean()),
+            "sampling_tokens_per_sec": float(lengths.sum()) / max(t_sample, 1e-9),
+            "train_tokens_per_sec": float(host["segment_ids"].sum()) * mu / max(t_train, 1e-9),
+            "learning_rate": float(lr_at(done * mu - 1)),
+        })
+        if done % tc.log_every == 0 or done == gc.num_steps:
+          writer.write(done, m)
+        bar.set_postfix(reward=f"{m['reward']:.3f}", len=f"{m['completions/mean_length']:.0f}")
+        if gc.log_samples_every and (done % gc.log_samples_every == 0 or done == 1):
+          with open(samples_path, "a") as f:
+            for i in range(min(gc.num_samples_logged, len(completions))):
+              f.write(json.dumps(dict(step=done, prompt=problems[i // G].question,
+                                      gold=problems[i // G].answer, completion=completions[i],
+                                      reward=float(total_N[i]))) + "\n")
+        ckpt.save(done, _ckpt_tree(state, ref_params), {"grpo_step": done},
+                  force=stop.requested or done == gc.num_steps)
+        if stop.requested:
+          bar.write(f"stop signal received: saved step {done}, exiting")
+          break
+    finally:
+      stop.restore()
+      rewards.close()
+      ckpt.close()
+      writer.close()
+  plot_curves(writer.path, ["reward", "rewards/accuracy/mean", "completions/mean_length"],
+              os.path.join(workdir, "reward_curve.png"), title=config.get("name", ""))
+  if stop.requested:
+    raise SystemExit(143)
+  return state
