@@ -32,8 +32,8 @@ from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn, ta
 from r1jax.sampling.sampler import SamplingConfig, sample
 from r1jax.trainers.metrics import MetricsWriter, plot_curves
 from r1jax.trainers.optim import learning_rate_schedule
-from r1jax.trainers.sft import NonFiniteError, _StopOnSignal, jit_train_step
-from r1jax.trainers.state import TrainState, create_train_state
+from r1jax.trainers.sft import NonFiniteError, StopOnSignal, jit_train_step
+from r1jax.trainers.state import TrainState, apply_gradients, create_train_state
 
 
 # ---------------------------------------------------------------------------
@@ -92,16 +92,8 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
                       batch["advantages"], batch["mask"], batch["truncated"])
 
   (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(value) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-  metrics = dict(metrics, loss=value, grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
+  new_state, guard = apply_gradients(state, grads, value, tx)
+  metrics = dict(metrics, loss=value, **guard)
   return new_state, metrics
 
 
@@ -169,7 +161,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   samples_path = os.path.join(workdir, "samples.jsonl")
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     bar = tqdm(range(start, gc.num_steps), initial=start, total=gc.num_steps,
                desc=config.get("name", "grpo"), dynamic_ncols=True,
                disable=not tc.get("progress_bar", True) or start >= gc.num_steps)

@@ -25,7 +25,7 @@ from r1jax.losses.sft import masked_cross_entropy
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.trainers.metrics import MetricsWriter, plot_curves
 from r1jax.trainers.optim import learning_rate_schedule
-from r1jax.trainers.state import TrainState, create_train_state
+from r1jax.trainers.state import TrainState, apply_gradients, create_train_state
 
 
 class NonFiniteError(FloatingPointError):
@@ -46,18 +46,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
     return masked_cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
 
   (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  # A NaN/inf step leaves params and optimizer moments untouched.
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(
-      step=state.step + 1, params=keep(params, state.params),
-      opt_state=keep(opt_state, state.opt_state),
-      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
-  metrics = dict(loss=loss, grad_norm=grad_norm, num_tokens=num_tokens,
-                 nonfinite=(~finite).astype(jnp.int32))
+  new_state, guard = apply_gradients(state, grads, loss, tx)
+  metrics = dict(loss=loss, num_tokens=num_tokens, **guard)
   return new_state, metrics
 
 
@@ -92,7 +82,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
     writer = MetricsWriter(workdir)
-    stop = _StopOnSignal()
+    stop = StopOnSignal()
     bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                desc=config.get("name", "train"), dynamic_ncols=True,
                disable=not tc.get("progress_bar", True) or start >= tc.num_steps)
@@ -129,7 +119,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
   return state
 
 
-class _StopOnSignal:
+class StopOnSignal:
   """SIGTERM (pre-emption) sets a flag so the loop saves and exits cleanly."""
 
   def __init__(self):

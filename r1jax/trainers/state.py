@@ -47,3 +47,19 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh: Mesh, seed
       rng=jax.device_put(jax.random.key_data(state_key), rep),
       nonfinite_run=jax.device_put(jnp.zeros((), jnp.int32), rep))
   return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
+                    tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update; a NaN/inf loss or gradient leaves params and moments
+  untouched and counts towards `nonfinite_run`. Returns (state, guard metrics)."""
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1, params=keep(params, state.params),
+      opt_state=keep(opt_state, state.opt_state),
+      nonfinite_run=jnp.where(finite, 0, state.nonfinite_run + 1))
+  return new_state, dict(grad_norm=grad_norm, nonfinite=(~finite).astype(jnp.int32))
