@@ -43,3 +43,15 @@ def test_batches_are_a_pure_function_of_the_index():
   assert len(set(epoch.tolist())) == 96
   assert not np.array_equal(a.batch(0)["tokens"], a.batch(12)["tokens"])  # reshuffled
   assert not np.array_equal(a.batch(0)["tokens"], PackedDataset(arrays, 8, 2).batch(0)["tokens"])
+
+
+def test_best_fit_packing_leaves_little_padding():
+  rng = np.random.default_rng(0)
+  docs = [list(rng.integers(4, 100, rng.integers(48, 150))) for _ in range(2000)]
+  out = pack_documents(docs, seq_len=256, bos_id=2, eos_id=3)
+  fill = (out["segment_ids"] > 0).mean()
+  assert fill > 0.9, fill
+  assert out["loss_weights"].sum() == sum(len(d) + 1 for d in docs)
+  # Next fit (one open row) wastes far more on the same documents.
+  next_fit = pack_documents(docs, seq_len=256, bos_id=2, eos_id=3, open_rows=1)
+  assert (next_fit["segment_ids"] > 0).mean() < fill - 0.1
