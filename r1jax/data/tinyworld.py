@@ -1,7 +1,7 @@
 """The tiny world's task: integer arithmetic with step-by-step solutions.
 
-A problem is an expression over small positive integers with `+ - *` and
-parentheses, e.g. "(3 + 4) * 2 - 5". Its level (1..4) is its number of
+A problem is a left-deep expression over small positive integers with
+`+ - *` and parentheses, e.g. "(3 + 4) * 2 - 5". Its level (1..4) is its number of
 operations; the worked solution does one operation per sentence, innermost
 first and left to right, and every intermediate result is an integer in
 [0, MAX_VALUE]. Problems and reasoning come in two surface languages with
@@ -28,8 +28,8 @@ LEVELS = (1, 2, 3, 4)
 LANGS = ("en", "la")
 MODES = ("en", "la", "mixed")  # reasoning-language modes of a worked solution
 
-MAX_LEAF = 12  # operands are drawn from 1..MAX_LEAF (few facts: a tiny model learns them)
-MAX_VALUE = 199  # every intermediate and final result lies in [0, MAX_VALUE]
+MAX_LEAF = 9  # operands are drawn from 1..MAX_LEAF (few facts: a tiny model learns them)
+MAX_VALUE = 20  # every intermediate and final result lies in [0, MAX_VALUE]
 # One factor of every product is a single digit: a tiny model can learn
 # "digit times number", while two-digit by two-digit products are out of reach.
 MAX_SMALL_FACTOR = 9
@@ -49,12 +49,17 @@ Step = tuple[str, int, int, int]  # (op, a, b, result), e.g. ("*", 7, 2, 14)
 
 
 def _random_shape(num_ops: int, rng: random.Random) -> Tree:
-  """A random tree with `num_ops` operators and leaves set to 0."""
+  """A random left-deep tree with `num_ops` operators and leaves set to 0.
+
+  Left-deep: every operation combines the result so far with the next
+  operand, e.g. "(3 + 4) * 2 - 5". A worked solution then reads the operands
+  in the order they are written, so a tiny model can learn to reason it
+  through, while answering without the steps stays hard (the point R1-Zero's
+  RL has to discover).
+  """
   if num_ops == 0:
     return 0
-  num_left = rng.randrange(num_ops)
-  return (rng.choice(_OP_SYMBOLS), _random_shape(num_left, rng),
-          _random_shape(num_ops - 1 - num_left, rng))
+  return (rng.choice(_OP_SYMBOLS), _random_shape(num_ops - 1, rng), 0)
 
 
 def _fill_leaves(shape: Tree, rng: random.Random) -> Tree:
@@ -348,6 +353,21 @@ MALFORMATIONS = (
 DEFAULT_MODE_WEIGHTS = types.MappingProxyType({"en": 0.4, "la": 0.3, "mixed": 0.3})
 
 
+def drill_document(problems: Sequence[Problem], mode: str, rng: random.Random) -> str:
+  """Arithmetic practice: the solving steps of `problems` as bare sentences.
+
+  Like the times tables and worked sums of real pretraining data: dense
+  supervision of exactly the facts a worked solution needs, without the
+  problem around them, e.g. "we add 3 and 6 to get 9 . we multiply 7 by 2 to
+  get 14 ."
+  """
+  steps = [step for problem in problems for step in problem.steps]
+  langs = _sentence_languages(len(steps), mode, rng) if len(steps) > 1 else [
+      mode if mode in LANGS else rng.choice(LANGS)]
+  return " ".join(_STEP_PHRASES[lang][step[0]].format(a=step[1], b=step[2], r=step[3])
+                  for step, lang in zip(steps, langs))
+
+
 def plain_document(problem: Problem, mode: str, rng: random.Random) -> str:
   """A worked solution as plain text: "Problem: ...\\nSolution: ..."."""
   return f"Problem: {problem.question}\nSolution: {solution_text(problem, mode, rng)}"
@@ -358,17 +378,22 @@ def r1_zero_completion(problem: Problem, mode: str, rng: random.Random,
   """What follows the R1-Zero prompt; well-formed unless `malformation` is set.
 
   Well-formed: " <think> {reasoning} </think> <answer> {answer} </answer>".
+  "direct" is well-formed but skips the reasoning: the think block holds only
+  the answer sentence ("so the answer is N ."), as answer-only solutions do.
   """
   cot, answer = solution_text(problem, mode, rng), problem.answer
+  lang = mode if mode in LANGS else rng.choice(LANGS)
   completions = {
       None: f" <think> {cot} </think> <answer> {answer} </answer>",
+      "direct": (f" <think> {_CONCLUSIONS[lang].format(r=answer)} </think> "
+                 f"<answer> {answer} </answer>"),
       "no_answer_tags": f" <think> {cot} </think>",
       "no_close_think": f" <think> {cot} <answer> {answer} </answer>",
       "no_think_tags": f" {cot} <answer> {answer} </answer>",
       "untagged": f" {cot}",
   }
   if malformation not in completions:
-    raise ValueError(f"malformation must be None or one of {MALFORMATIONS}, "
+    raise ValueError(f"malformation must be None, 'direct' or one of {MALFORMATIONS}, "
                      f"got {malformation!r}")
   return completions[malformation]
 
@@ -391,6 +416,8 @@ def pretraining_corpus(
     levels: Sequence[int] = LEVELS,
     plain_fraction: float = 0.5,
     malformed_fraction: float = 0.5,
+    direct_fraction: float = 0.0,
+    drill_fraction: float = 0.0,
     mode_weights: Mapping[str, float] = DEFAULT_MODE_WEIGHTS,
 ) -> list[str]:
   """Pretraining documents built from train-split problems only.
@@ -402,13 +429,22 @@ def pretraining_corpus(
     plain_fraction: share of `plain_document`s; the rest are R1-Zero documents.
     malformed_fraction: share of R1-Zero documents that break the tag format
       (one of MALFORMATIONS, uniformly).
+    direct_fraction: share of the remaining (well-formed) R1-Zero documents
+      that answer without reasoning (`r1_zero_completion(..., "direct")`).
+      A base trained on them often skips the reasoning when prompted with the
+      template, and is then mostly wrong on multi-step problems: RL has to
+      discover that thinking first pays (R1-Zero's growing response length).
+    drill_fraction: share of documents that are `drill_document`s of the
+      steps of 4 train problems, taken before the other kinds are drawn.
     mode_weights: relative weights of the reasoning-language modes.
 
   Returns:
     `num_docs` strings, without BOS/EOS.
   """
   for name, value in (("plain_fraction", plain_fraction),
-                      ("malformed_fraction", malformed_fraction)):
+                      ("malformed_fraction", malformed_fraction),
+                      ("direct_fraction", direct_fraction),
+                      ("drill_fraction", drill_fraction)):
     if not 0.0 <= value <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {value}")
   if set(mode_weights) - set(MODES) or sum(mode_weights.values()) <= 0:
@@ -416,12 +452,18 @@ def pretraining_corpus(
   problems = generate_problems("train", num_docs, seed, levels)
   rng = random.Random(f"tinyworld/corpus/{seed}")
   docs = []
+  drill_rng = random.Random(f"tinyworld/drills/{seed}")
   for problem in problems:
     mode = _weighted_choice(mode_weights, rng)
-    if rng.random() < plain_fraction:
+    if drill_fraction and drill_rng.random() < drill_fraction:
+      docs.append(drill_document([problem] + drill_rng.sample(problems, 3), mode, rng))
+    elif rng.random() < plain_fraction:
       docs.append(plain_document(problem, mode, rng))
     else:
       malformed = rng.random() < malformed_fraction
-      malformation = rng.choice(MALFORMATIONS) if malformed else None
-      docs.append(r1_zero_document(problem, mode, rng, malformation))
+      if malformed:
+        kind = rng.choice(MALFORMATIONS)
+      else:
+        kind = "direct" if direct_fraction and rng.random() < direct_fraction else None
+      docs.append(r1_zero_document(problem, mode, rng, kind))
   return docs

@@ -27,10 +27,15 @@ from r1jax.trainers import sft
 from r1jax.trainers.optim import make_optimizer
 
 
+# What pretrain.run adds to the evaluation figures in results.json.
+RUN_KEYS = ("stage", "step", "num_params", "corpus_docs", "packed_rows", "train_tokens", "seconds")
+
+
 def corpus(dc: ml_collections.ConfigDict) -> list[str]:
   return tinyworld.pretraining_corpus(
       dc.num_docs, dc.corpus_seed, levels=tuple(dc.levels), plain_fraction=dc.plain_fraction,
-      malformed_fraction=dc.malformed_fraction)
+      malformed_fraction=dc.malformed_fraction, direct_fraction=dc.direct_fraction,
+      drill_fraction=dc.drill_fraction)
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs: list[str]):
