@@ -7,12 +7,23 @@ straight from the pretrained base).
 Without `base_workdir` the base is pretrained first into WORKDIR/base with
 configs/pretrain.py of the same preset. `smoke` shrinks everything to seconds
 (used by the tests).
+
+Real presets (`qwen2.5-math-1.5b`, `qwen2.5-math-7b`; `deepseek-v3` once the
+MoE model exists) carry the paper's GRPO settings at their scale. They build,
+shard and pass `jax.eval_shape` (tests/test_r1_zero_presets.py); running them
+needs a converted base checkpoint and a real task set (Hugging Face import and
+jsonl tasks: not built yet, the stage says so).
 """
 
+import dataclasses
 import importlib.util
 import os
 
 import ml_collections
+
+from r1jax.models.config import get_preset
+
+REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
 
 
 def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
@@ -24,17 +35,59 @@ def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
   return module.get_config(arg)
 
 
+def _real_config(name: str) -> ml_collections.ConfigDict:
+  """The R1-Zero recipe at scale (DeepSeek-R1, Nature 2025 supplementary):
+  32 prompts x 16 samples = 512 completions per step, one update per rollout,
+  beta 0.001, temperature 1, lr 3e-6, reference refreshed every 400 steps."""
+  if name == "deepseek-v3":
+    raise ValueError("configs/r1_zero.py:deepseek-v3 needs the DeepSeek-V3 MoE model "
+                     "(MLA + DeepSeekMoE), which r1jax does not have yet")
+  c = get_config("tiny")
+  c.name = f"r1_zero-{name}"
+  c.base_workdir = ""  # required: an r1jax checkpoint converted from the Hugging Face base
+  del c["pretrain"]
+  c.model = dataclasses.asdict(get_preset(name))
+  c.model.max_position_embeddings = 4096  # Qwen2.5-Math's context: prompt + completion
+  g = c.grpo
+  g.num_steps = 8000
+  g.prompts_per_step = 32
+  g.num_generations = 16
+  g.num_minibatches = 16  # 512 rows in 16 mini-batches of 2 prompts x 16 samples
+  g.updates_per_rollout = 1
+  g.beta = 0.001
+  g.ref_refresh_every = 400
+  g.temperature = 1.0
+  g.max_new_tokens = 3072
+  g.tag_count_weight = 0.0
+  g.format_weight = 1.0  # accuracy + format, unweighted, as in the paper
+  g.reward_workers = 16
+  g.eval_every = 100
+  c.optim.learning_rate = 3e-6
+  c.optim.warmup_steps = 0
+  c.train.checkpoint_every = 100
+  c.mesh.update(data=-1, fsdp=8, tensor=1)
+  c.eval.max_new_tokens = 3072
+  c.eval.num_samples = 16
+  return c
+
+
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg in REAL_PRESETS:
+    return _real_config(arg)
   if arg not in ("tiny", "smoke"):
-    raise ValueError(f"configs/r1_zero.py knows presets 'tiny' and 'smoke', not {arg!r}")
+    raise ValueError(f"configs/r1_zero.py knows presets 'tiny', 'smoke' and {REAL_PRESETS}, "
+                     f"not {arg!r}")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.name = f"r1_zero-{arg}"
   c.stage = "r1_zero"
-  c.seed = 0  # GRPO prompt draws and sampling keys derive from it
+  # GRPO prompt draws and sampling keys derive from it, and so does the base
+  # pretrained here (init, data order): --config.seed=1 reruns everything.
+  c.seed = 0
 
   c.base_workdir = ""  # a pretrained base (pretrain stage WORKDIR); "" = pretrain into WORKDIR/base
   c.pretrain = _pretrain_config(arg)  # how the base is (or was) pretrained
+  c.pretrain.seed = c.get_ref("seed")
   if smoke:  # the smoke base only has to exist, not be good
     c.pretrain.train.num_steps = 10
     c.pretrain.train.checkpoint_every = 10
@@ -43,7 +96,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = c.pretrain.model.to_dict()  # ModelConfig fields; must match the base
 
   c.grpo = ml_collections.ConfigDict()
-  c.grpo.num_steps = 3 if smoke else 200  # rollouts (each followed by updates_per_rollout updates)
+  c.grpo.num_steps = 3 if smoke else 60  # rollouts (each followed by updates_per_rollout updates)
   c.grpo.prompts_per_step = 4 if smoke else 16  # B: problems drawn per step (train split)
   c.grpo.levels = (1, 2, 3, 4)  # difficulty levels drawn from, in equal shares
   c.grpo.num_generations = 4 if smoke else 8  # G: completions per prompt
@@ -59,9 +112,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.temperature = 1.0  # sampling temperature; the loss divides logits by the same
   c.grpo.top_p = 1.0  # 1.0 = off: pi_old must be the distribution actually sampled
   c.grpo.top_k = 0  # 0 = off
-  c.grpo.max_new_tokens = 32 if smoke else 128  # completion tokens, stop token included
+  c.grpo.max_new_tokens = 32 if smoke else 96  # completion tokens, stop token included
   c.grpo.stop_pieces = ("</answer>",)  # generation stops after these (and EOS)
-  c.grpo.updates_per_rollout = 1  # mu: optimizer steps per rollout batch (1 = exactly on-policy)
+  c.grpo.updates_per_rollout = 1  # mu: epochs over each rollout batch (1 = exactly on-policy)
+  c.grpo.num_minibatches = 1  # optimizer steps per epoch (the batch split by prompts)
   c.grpo.accuracy_weight = 1.0  # reward = accuracy_weight * accuracy + format_weight * format
   c.grpo.format_weight = 0.5
   # Partial credit per well-placed tag: gives a weak base non-zero reward variance
@@ -71,6 +125,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.reward_timeout_s = 5.0  # per completion and reward function (workers > 0 only)
   c.grpo.log_samples_every = 1 if smoke else 20  # steps between sample tables in samples.jsonl
   c.grpo.num_samples_logged = 8  # completions per sample table
+  c.grpo.eval_every = 0 if smoke else 20  # steps between held-out evals during training; 0 = off
+  c.grpo.eval_num_problems = 8 if smoke else 64  # the first n held-out problems of c.eval
 
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4  # peak

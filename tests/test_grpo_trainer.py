@@ -2,16 +2,19 @@
 and the R1-Zero smoke run through the real CLI writes its results and metrics."""
 
 import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+import pytest
 
 from r1jax.models.config import ModelConfig
 from r1jax.models.transformer import Transformer
@@ -23,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TRL_KEYS = ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean",
             "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
-            "kl", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+            "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
             "loss", "grad_norm", "sampling_tokens_per_sec", "train_tokens_per_sec")
 
 
@@ -86,3 +89,114 @@ def test_r1_zero_smoke_cli(tmp_path):
   assert os.path.getsize(tmp_path / "reward_curve.png") > 1000
   samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
   assert {"prompt", "completion", "reward"} <= set(samples[0])
+
+
+# ---------------------------------------------------------------------------
+# The loop itself, on a micro model (random init: rewards are mostly 0, which
+# is all these tests need).
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def micro_tokenizer(tmp_path_factory):
+  from r1jax.data import tinyworld
+  from r1jax.data.tokenizer import load_tokenizer, train_sentencepiece
+  path = train_sentencepiece(tinyworld.pretraining_corpus(2000, seed=0),
+                             tmp_path_factory.mktemp("spm") / "tw", vocab_size=640)
+  return load_tokenizer(path)
+
+
+def _micro_train(workdir, tok, rewards=None, **grpo_overrides):
+  from r1jax.trainers.optim import make_optimizer
+  spec = importlib.util.spec_from_file_location("r1_zero_config",
+                                                os.path.join(REPO, "configs/r1_zero.py"))
+  cfg = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cfg)
+  c = cfg.get_config("smoke")
+  c.grpo.update(num_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=8,
+                log_samples_every=0, eval_every=0)
+  c.grpo.update(grpo_overrides)
+  c.train.progress_bar = False
+  c.train.checkpoint_every = 100
+  c.optim.update(learning_rate=0.05, warmup_steps=0)
+  model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=2,
+                                  num_key_value_heads=1, max_position_embeddings=512))
+  mesh = make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
+  init, _ = create_train_state(model, optax.sgd(0.0), mesh, seed=0)
+  tx = make_optimizer(c.optim, c.grpo.num_steps * grpo.updates_per_step(c.grpo))
+  state = grpo.train(c, str(workdir), model=model, tokenizer=tok, mesh=mesh, tx=tx,
+                     init_params=init.params, rewards=rewards)
+  rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  return state, rows
+
+
+def test_beta_zero_never_calls_the_reference_model(tmp_path, micro_tokenizer, monkeypatch):
+  calls = []
+  original = grpo.reference_logprobs
+
+  def counting(*args, **kwargs):
+    calls.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(grpo, "reference_logprobs", counting)
+  _micro_train(tmp_path / "b0", micro_tokenizer, beta=0.0)
+  assert calls == []
+  _, rows = _micro_train(tmp_path / "b1", micro_tokenizer, beta=0.04, num_minibatches=2)
+  assert len(calls) == 2 * 2  # once per mini-batch and step, before the updates
+  assert all(np.isfinite(r["kl"]) for r in rows)
+
+
+def test_mu_above_one_reuses_the_old_logprobs_of_sampling_time(tmp_path, micro_tokenizer,
+                                                               monkeypatch):
+  seen = []
+  original = grpo.grpo_train_step
+
+  def spy(state, batch, **kwargs):
+    new_state, metrics = original(state, batch, **kwargs)
+    jax.debug.callback(lambda old, ratio: seen.append((np.asarray(old), float(ratio))),
+                       batch["old_logp"], metrics["ratio/mean"])
+    return new_state, metrics
+
+  monkeypatch.setattr(grpo, "grpo_train_step", spy)
+  state, rows = _micro_train(tmp_path, micro_tokenizer, rewards={"varied": (_varied, 1.0)},
+                             updates_per_rollout=3)
+  assert int(state.step) == 2 * 3 and len(seen) == 6
+  for step in range(2):
+    olds = [old for old, _ in seen[3 * step:3 * step + 3]]
+    for old in olds[1:]:  # every epoch sees the sampler's log-probs, not recomputed ones
+      np.testing.assert_array_equal(old, olds[0])
+    ratios = [r for _, r in seen[3 * step:3 * step + 3]]
+    assert abs(ratios[0] - 1.0) < 1e-3, ratios  # first epoch: on-policy, ratio 1
+    assert abs(ratios[2] - 1.0) > 1e-3, ratios  # the policy moved, pi_old did not
+  assert [r["step"] for r in rows] == [1, 2]
+
+
+def _varied(prompt, completion, reference):
+  """Differs between completions, so advantages (and gradients) are not 0."""
+  return float(len(completion) % 3)
+
+
+def _raises(prompt, completion, reference):
+  raise RuntimeError("reward bug")
+
+
+def _hangs(prompt, completion, reference):
+  time.sleep(60)
+  return 1.0
+
+
+def test_reward_that_raises_or_hangs_scores_zero_and_training_goes_on(tmp_path,
+                                                                      micro_tokenizer):
+  from r1jax.rewards import accuracy_reward_fn, format_reward_fn
+  rewards = {"accuracy": (accuracy_reward_fn, 1.0), "format": (format_reward_fn, 0.5),
+             "boom": (_raises, 1.0), "hang": (_hangs, 1.0)}
+  start = time.monotonic()
+  state, rows = _micro_train(tmp_path, micro_tokenizer, rewards=rewards, num_steps=1,
+                             num_generations=2, reward_workers=2, reward_timeout_s=0.5)
+  assert time.monotonic() - start < 120
+  assert int(state.step) == 1 and [r["step"] for r in rows] == [1]
+  row = rows[0]
+  assert row["rewards/boom/errors"] == 4 and row["rewards/boom/mean"] == 0.0
+  assert row["rewards/hang/timeouts"] == 4 and row["rewards/hang/mean"] == 0.0
+  assert row["rewards/accuracy/errors"] == row["rewards/accuracy/timeouts"] == 0
+  assert np.isfinite(row["loss"]) and np.isfinite(row["reward"])

@@ -7,6 +7,7 @@ base (pretrained here unless `config.base_workdir` names one) -> evaluate
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -44,11 +45,32 @@ def base_params(config: ml_collections.ConfigDict, base_dir: str, model, mesh):
   return state.params
 
 
+def _base_evaluation(config: ml_collections.ConfigDict, base_dir: str) -> dict | None:
+  """The base's own held-out evaluation, when it is exactly the one we would run.
+
+  The pretrain stage evaluates its final params; if its eval config equals
+  ours, `before` is that evaluation (same problems, keys and figures) and is
+  not recomputed.
+  """
+  try:
+    with open(os.path.join(base_dir, "config.json")) as f:
+      base_eval = json.load(f)["eval"]
+    with open(os.path.join(base_dir, "results.json")) as f:
+      results = json.load(f)
+  except (OSError, KeyError, ValueError):
+    return None
+  if base_eval != json.loads(config.eval.to_json_best_effort()) or "pass@1" not in results:
+    return None
+  return {k: v for k, v in results.items() if k not in pretrain.RUN_KEYS}
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   base_dir = config.base_workdir or os.path.join(workdir, "base")
   if not config.base_workdir and not os.path.exists(os.path.join(base_dir, "results.json")):
     os.makedirs(base_dir, exist_ok=True)
+    with open(os.path.join(base_dir, "config.json"), "w") as f:
+      f.write(config.pretrain.to_json_best_effort(indent=2))
     pretrain.run(config.pretrain, base_dir)
   tok_path = os.path.join(base_dir, "tokenizer.model")
   if not os.path.exists(tok_path):
@@ -63,18 +85,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ec = config.eval
   problems = tinyworld.generate_problems("heldout", ec.num_problems, ec.seed, tuple(ec.levels))
 
-  def eval_at(name, p):
-    path = os.path.join(workdir, f"eval_samples_{name}.jsonl")
-    if os.path.exists(path):
-      os.replace(path, path + ".prev")  # keep, never silently drop
-    return evaluate(model, p, tok, problems, r1_zero_prompt, ec, jax.random.key(ec.seed),
-                    samples_path=path)
+  def eval_at(name, p, subset=None):
+    path = None
+    if name:
+      path = os.path.join(workdir, f"eval_samples_{name}.jsonl")
+      if os.path.exists(path):
+        os.replace(path, path + ".prev")  # keep, never silently drop
+    return evaluate(model, p, tok, problems[:subset], r1_zero_prompt, ec,
+                    jax.random.key(ec.seed), samples_path=path)
 
-  before = eval_at("before", params)
+  before = _base_evaluation(config, base_dir)
+  if before is None:
+    before = eval_at("before", params)
+  else:  # the base's samples are its eval_samples.jsonl
+    before["source"] = os.path.join(base_dir, "results.json")
+
+  def periodic_eval(p):  # the first eval_num_problems held-out problems
+    r = eval_at(None, p, config.grpo.eval_num_problems)
+    return {k: v for k, v in r.items() if isinstance(v, float)}
+
   t1 = time.perf_counter()
-  tx = make_optimizer(config.optim, config.grpo.num_steps * config.grpo.updates_per_rollout)
+  tx = make_optimizer(config.optim, config.grpo.num_steps * grpo.updates_per_step(config.grpo))
   state = grpo.train(config, workdir, model=model, tokenizer=tok, mesh=mesh, tx=tx,
-                     init_params=params)
+                     init_params=params, evaluate_fn=periodic_eval)
   t_train = time.perf_counter() - t1
   after = eval_at("after", state.params)
   results = dict(

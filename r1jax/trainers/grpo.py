@@ -74,11 +74,21 @@ def build_batch(prompts: Sequence[Sequence[int]], group_size: int, tokens_BN: np
 # Step.
 # ---------------------------------------------------------------------------
 
-def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float) -> jax.Array:
-  """log π(target) at every position: logp_B(T-1) under logits / temperature."""
+def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float,
+                    with_entropy: bool = False):
+  """log π(target) at every position: logp_B(T-1) under logits / temperature.
+
+  With `with_entropy`, also the entropy of π at every position (the `entropy`
+  metric; gradient stopped): returns (logp, entropy).
+  """
   logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
                               batch["segment_ids"])
-  return token_logprobs(logits_BTV[:, :-1], batch["tokens"][:, 1:], temperature)
+  logits_BTV = logits_BTV[:, :-1]
+  logp_BT = token_logprobs(logits_BTV, batch["tokens"][:, 1:], temperature)
+  if not with_entropy:
+    return logp_BT
+  logp_BTV = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BTV) / temperature, axis=-1)
+  return logp_BT, -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
 
 
 def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss: GRPOLoss,
@@ -87,14 +97,42 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
   """One optimizer step on the GRPO loss; skips non-finite updates (as sft.train_step)."""
 
   def loss_fn(params):
-    logp_BT = policy_logprobs(params, batch, model=model, temperature=temperature)
-    return loss.apply({}, logp_BT, batch["old_logp"], batch.get("ref_logp"),
-                      batch["advantages"], batch["mask"], batch["truncated"])
+    logp_BT, entropy_BT = policy_logprobs(params, batch, model=model, temperature=temperature,
+                                          with_entropy=True)
+    value, metrics = loss.apply({}, logp_BT, batch["old_logp"], batch.get("ref_logp"),
+                                batch["advantages"], batch["mask"], batch["truncated"])
+    mask = batch["mask"]
+    metrics["entropy"] = jnp.sum(entropy_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return value, metrics
 
   (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, guard = apply_gradients(state, grads, value, tx)
   metrics = dict(metrics, loss=value, **guard)
   return new_state, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+def reference_logprobs(ref_params, batch: dict[str, jax.Array], *, model,
+                       temperature: float) -> jax.Array:
+  """log π_ref of the batch's targets: the only reference forward (beta > 0 only)."""
+  return policy_logprobs(ref_params, batch, model=model, temperature=temperature)
+
+
+def minibatches(batch: dict[str, np.ndarray], num_minibatches: int, group_size: int
+                ) -> list[dict[str, np.ndarray]]:
+  """Splits a rollout batch row-wise into `num_minibatches` equal parts.
+
+  Whole groups stay together (the split is over prompts), so every mini-batch
+  holds complete groups and has the same shape (one compiled update).
+  """
+  B = batch["tokens"].shape[0]
+  num_groups = B // group_size
+  if num_minibatches < 1 or num_groups % num_minibatches:
+    raise ValueError(f"num_minibatches={num_minibatches} must divide the {num_groups} prompts "
+                     "of a step (grpo.prompts_per_step)")
+  rows = B // num_minibatches
+  return [{k: v[i * rows:(i + 1) * rows] for k, v in batch.items()}
+          for i in range(num_minibatches)]
 
 
 def make_loss(gc: ml_collections.ConfigDict) -> GRPOLoss:
@@ -126,13 +164,28 @@ def _ckpt_tree(state: TrainState, ref_params: Any) -> dict:
   return {"state": state} if ref_params is None else {"state": state, "ref": ref_params}
 
 
+def updates_per_step(gc: ml_collections.ConfigDict) -> int:
+  """Optimizer steps per GRPO step: mu epochs over num_minibatches mini-batches."""
+  return gc.updates_per_rollout * gc.get("num_minibatches", 1)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, mesh: Mesh,
-          tx: optax.GradientTransformation, init_params: Any, rules=DEFAULT_RULES) -> TrainState:
+          tx: optax.GradientTransformation, init_params: Any, rules=DEFAULT_RULES,
+          evaluate_fn=None, rewards: dict | None = None) -> TrainState:
   """Runs `config.grpo.num_steps` GRPO steps from `init_params`, resuming from
-  WORKDIR/checkpoints. Writes metrics.jsonl, samples.jsonl and reward_curve.png."""
+  WORKDIR/checkpoints. Writes metrics.jsonl, samples.jsonl and reward_curve.png.
+
+  `evaluate_fn(params) -> dict of floats`, when given, runs every
+  `config.grpo.eval_every` steps; its figures are logged as `eval/<name>`.
+  `rewards` ({name: (fn, weight)}) replaces the config's reward functions.
+  A reward that raises or times out scores 0 and is counted in
+  `rewards/<name>/errors` and `rewards/<name>/timeouts`; training goes on.
+  """
   gc, tc = config.grpo, config.train
   G, mu = gc.num_generations, gc.updates_per_rollout
-  num_updates = gc.num_steps * mu
+  num_mb = gc.get("num_minibatches", 1)
+  mu_total = updates_per_step(gc)
+  num_updates = gc.num_steps * mu_total
   state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules)
   # The reference policy: the initial params, refreshed every ref_refresh_every
   # steps. Not held at all when beta == 0 (no KL term, no reference forward).
@@ -145,17 +198,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
     tree, meta = ckpt.restore(abstract_like(_ckpt_tree(state, ref_params)))
     state, ref_params = tree["state"], tree.get("ref")
     start = int(meta["grpo_step"])
-    if int(state.step) != start * mu:
+    if int(state.step) != start * mu_total:
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
 
   loss = make_loss(gc)
   step_fn = functools.partial(grpo_train_step, model=model, loss=loss, tx=tx,
                               temperature=gc.temperature)
-  ref_fn = jax.jit(functools.partial(policy_logprobs, model=model, temperature=gc.temperature))
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
   sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
                       top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids)
-  rewards = RewardRunner(reward_fns(gc), timeout_s=gc.reward_timeout_s, workers=gc.reward_workers)
+  rewards = RewardRunner(rewards or reward_fns(gc), timeout_s=gc.reward_timeout_s,
+                         workers=gc.reward_workers)
   lr_at = learning_rate_schedule(config.optim, num_updates)
   writer = MetricsWriter(workdir)
   samples_path = os.path.join(workdir, "samples.jsonl")
@@ -192,13 +245,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         # Update.
         host = build_batch(prompts, G, np.asarray(out.tokens), np.asarray(out.logprobs),
                            lengths, np.asarray(out.finished), advantages, pad_id=tokenizer.pad_id)
-        batch = jax.device_put(host, batch_sharding(mesh))
-        if use_ref:
-          batch["ref_logp"] = ref_fn(ref_params, batch)
+        # Old log-probs are the sampler's (taken at sampling time), so with
+        # mu > 1 or several mini-batches the later updates are off-policy and
+        # the ratio moves away from 1 where clipping acts.
         t0 = time.perf_counter()
+        parts = [jax.device_put(mb, batch_sharding(mesh)) for mb in minibatches(host, num_mb, G)]
+        if use_ref:
+          for mb in parts:
+            mb["ref_logp"] = reference_logprobs(ref_params, mb, model=model,
+                                                temperature=gc.temperature)
+        step_metrics = []
         for _ in range(mu):
-          state, metrics = jitted(state, batch)
-        m = jax.device_get(metrics)
+          for mb in parts:
+            state, metrics = jitted(state, mb)
+            step_metrics.append(metrics)
+        m = {k: float(np.mean([x[k] for x in jax.device_get(step_metrics)]))
+             for k in step_metrics[0]}
         t_train = time.perf_counter() - t0
 
         done = step + 1
@@ -210,13 +272,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
             "reward": float(rewards_BG.mean()),
             "reward_std": float(group_std.mean()),
             "frac_reward_zero_std": float((group_std == 0).mean()),
-            **{k: v for k, v in reward_stats.items() if k.endswith("/mean")},
+            **reward_stats,
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float(host["truncated"].mean()),
             "sampling_tokens_per_sec": float(lengths.sum()) / max(t_sample, 1e-9),
             "train_tokens_per_sec": float(host["segment_ids"].sum()) * mu / max(t_train, 1e-9),
-            "learning_rate": float(lr_at(done * mu - 1)),
+            "learning_rate": float(lr_at(done * mu_total - 1)),
+            "time/sampling_s": t_sample,
+            "time/training_s": t_train,
         })
+        eval_every = gc.get("eval_every", 0)
+        if evaluate_fn is not None and eval_every and done % eval_every == 0 and done < gc.num_steps:
+          m.update({f"eval/{k}": float(v) for k, v in evaluate_fn(state.params).items()})
         if done % tc.log_every == 0 or done == gc.num_steps:
           writer.write(done, m)
         bar.set_postfix(reward=f"{m['reward']:.3f}", len=f"{m['completions/mean_length']:.0f}")

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from r1jax.parallel.mesh import DEFAULT_RULES, replicated, sharded_init
+from r1jax.parallel.mesh import DEFAULT_RULES, logical_shardings, replicated, sharded_init
 
 
 @flax.struct.dataclass
@@ -47,6 +48,29 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh: Mesh, seed
       rng=jax.device_put(jax.random.key_data(state_key), rep),
       nonfinite_run=jax.device_put(jnp.zeros((), jnp.int32), rep))
   return state, jax.tree.map(lambda x: x.sharding, state)
+
+
+def abstract_train_state(model, tx: optax.GradientTransformation, mesh: Mesh,
+                         rules=DEFAULT_RULES) -> TrainState:
+  """The TrainState as sharded ShapeDtypeStructs: nothing is allocated.
+
+  For models too large for the host (dry runs, `jit(...).lower` checks of the
+  real presets): same shapes and shardings `create_train_state` would build.
+  """
+  dummy = jnp.zeros((1, 8), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy)["params"])
+  shardings = nn.unbox(logical_shardings(boxed, mesh, rules))
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(boxed), shardings)
+  rep = replicated(mesh)
+  spread = lambda x: x.sharding is not None and len(x.sharding.device_set) == mesh.size
+  opt_state = jax.tree.map(
+      lambda x: x if spread(x) else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+      jax.eval_shape(tx.init, params))
+  scalar = lambda dtype: jax.ShapeDtypeStruct((), dtype, sharding=rep)
+  return TrainState(step=scalar(jnp.int32), params=params, opt_state=opt_state,
+                    rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=rep),
+                    nonfinite_run=scalar(jnp.int32))
 
 
 def apply_gradients(state: TrainState, grads: Any, loss: jax.Array,
