@@ -145,10 +145,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.train.max_consecutive_nonfinite = 5  # NaN/inf updates in a row before stopping
   c.train.progress_bar = True
 
-  c.mesh = ml_collections.ConfigDict()
-  c.mesh.data = -1  # -1 = all remaining devices
-  c.mesh.fsdp = 1
-  c.mesh.tensor = 1
+  c.mesh = c.pretrain.mesh.copy_and_resolve_references()  # the base's mesh
 
   c.eval = c.pretrain.eval.copy_and_resolve_references()  # same held-out evaluation as the base
   if smoke:
