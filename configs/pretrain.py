@@ -43,6 +43,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.data.seq_len = 256  # tokens per packed row
   c.data.batch_size = 16  # rows per step
 
+  c.loss = ml_collections.ConfigDict()
+  c.loss.impl = "auto"  # log-prob kernel: auto (pallas on one TPU, else chunked) | reference (full logits) | chunked | pallas
+
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 3e-3  # peak
   c.optim.warmup_steps = 10 if smoke else 50

@@ -128,6 +128,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.eval_every = 0 if smoke else 20  # steps between held-out evals during training; 0 = off
   c.grpo.eval_num_problems = 8 if smoke else 64  # the first n held-out problems of c.eval
 
+  c.loss = ml_collections.ConfigDict()
+  c.loss.impl = "auto"  # log-prob kernel: auto (pallas on one TPU, else chunked) | reference (full logits) | chunked | pallas
+
   c.optim = ml_collections.ConfigDict()
   c.optim.learning_rate = 2e-4  # peak
   c.optim.warmup_steps = 1 if smoke else 10  # optimizer steps

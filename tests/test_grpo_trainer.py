@@ -105,7 +105,7 @@ def micro_tokenizer(tmp_path_factory):
   return load_tokenizer(path)
 
 
-def _micro_train(workdir, tok, rewards=None, **grpo_overrides):
+def _micro_train(workdir, tok, rewards=None, loss_impl=None, **grpo_overrides):
   from r1jax.trainers.optim import make_optimizer
   spec = importlib.util.spec_from_file_location("r1_zero_config",
                                                 os.path.join(REPO, "configs/r1_zero.py"))
@@ -115,6 +115,8 @@ def _micro_train(workdir, tok, rewards=None, **grpo_overrides):
   c.grpo.update(num_steps=2, prompts_per_step=2, num_generations=4, max_new_tokens=8,
                 log_samples_every=0, eval_every=0)
   c.grpo.update(grpo_overrides)
+  if loss_impl is not None:
+    c.loss = ml_collections.ConfigDict({"impl": loss_impl})
   c.train.progress_bar = False
   c.train.checkpoint_every = 100
   c.optim.update(learning_rate=0.05, warmup_steps=0)
@@ -169,6 +171,30 @@ def test_mu_above_one_reuses_the_old_logprobs_of_sampling_time(tmp_path, micro_t
     assert abs(ratios[0] - 1.0) < 1e-3, ratios  # first epoch: on-policy, ratio 1
     assert abs(ratios[2] - 1.0) > 1e-3, ratios  # the policy moved, pi_old did not
   assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_chunked_loss_kernel_gives_the_reference_run(tmp_path, micro_tokenizer, monkeypatch):
+  """loss.impl=chunked (logits never materialised) reproduces loss.impl=reference step by step."""
+  from r1jax.kernels import logprob_chunked
+  traced = []
+  original = logprob_chunked.forward
+
+  def counting(*args, **kwargs):
+    traced.append(1)
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(logprob_chunked, "forward", counting)
+  kw = dict(rewards={"varied": (_varied, 1.0)}, beta=0.04, updates_per_rollout=2)
+  _, want = _micro_train(tmp_path / "reference", micro_tokenizer, loss_impl="reference", **kw)
+  assert traced == []  # the switch reaches the step: the reference run never streams
+  _, got = _micro_train(tmp_path / "chunked", micro_tokenizer, loss_impl="chunked", **kw)
+  assert traced
+  assert [r["step"] for r in got] == [r["step"] for r in want] == [1, 2]
+  assert any(abs(r["loss"]) > 1e-3 for r in want)  # mu = 2: off-policy, the loss is not ~0
+  for g, w in zip(got, want):
+    for key in ("loss", "grad_norm", "kl", "entropy", "ratio/mean", "clip_ratio/region_mean",
+                "reward", "completions/mean_length"):
+      np.testing.assert_allclose(g[key], w[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
 
 def _varied(prompt, completion, reference):

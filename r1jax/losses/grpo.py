@@ -10,6 +10,10 @@ The objective, per completion token t of completion i (design.md §1):
 With μ = 1 (one policy update per rollout batch) old_logp == logp, so ρ ≡ 1
 and the loss value is just -aggregate(A) (≈ 0 for group-normalised A), but the
 gradient is not zero: ∇ρ = ρ ∇logp = ∇logp, i.e. the policy-gradient term.
+
+`GRPOLoss` takes log-probs; `GRPOLoss.from_hidden` takes the final hidden
+states and the output projection and gets the per-token terms from the fused
+kernel (r1jax.kernels), so the [B, T, V] logits never exist.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from r1jax.kernels import grpo_token_terms, token_logprobs_and_clip
 
 AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm")
 
@@ -120,17 +126,52 @@ class GRPOLoss(nn.Module):
       (loss, metrics) with float32 scalar metrics `kl`, `clip_ratio/low_mean`,
       `clip_ratio/high_mean`, `clip_ratio/region_mean`, `ratio/mean`.
     """
-    B, T = logp_BT.shape
+    keep_BT = self._keep(logp_BT.shape, old_logp_BT, ref_logp_BT, advantages_B, mask_BT,
+                         truncated_B)
+    stop = lambda x: None if x is None else jax.lax.stop_gradient(x.astype(jnp.float32))
+    obj_BT, ratio_BT, kl_BT = grpo_token_terms(
+        logp_BT.astype(jnp.float32), stop(old_logp_BT), stop(ref_logp_BT),
+        stop(advantages_B)[:, None], keep_BT, epsilon_low=self.epsilon_low,
+        epsilon_high=self.epsilon_high, beta=self.beta)
+    return self._aggregate(obj_BT, ratio_BT, kl_BT, advantages_B, keep_BT)
+
+  def from_hidden(self, hidden_BTD: jax.Array, w_DV: jax.Array, tokens_BT: jax.Array,
+                  old_logp_BT: jax.Array, ref_logp_BT: jax.Array | None,
+                  advantages_B: jax.Array, mask_BT: jax.Array,
+                  truncated_B: jax.Array | None = None, *, temperature: float = 1.0,
+                  impl: str = "auto") -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The same loss from final hidden states and the output projection.
+
+    log π_θ(tokens_BT) under (hidden_BTD · w_DV) / temperature and the per-token
+    GRPO terms come from `r1jax.kernels.token_logprobs_and_clip` (`impl`: one of
+    r1jax.kernels.IMPLS); only `reference` materialises the [B, T, V] logits.
+    Metrics are __call__'s plus `entropy` (mean over mask_BT, gradient stopped).
+    """
+    keep_BT = self._keep(tokens_BT.shape, old_logp_BT, ref_logp_BT, advantages_B, mask_BT,
+                         truncated_B)
+    terms = token_logprobs_and_clip(
+        hidden_BTD, w_DV, tokens_BT, old_logp_BT, advantages_B, keep_BT,
+        ref_logp_BT if self.beta > 0 else None, temperature=temperature,
+        epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high, beta=self.beta,
+        with_entropy=True, impl=impl)
+    loss, metrics = self._aggregate(terms.objective, terms.ratio, terms.kl, advantages_B, keep_BT)
+    m_BT = mask_BT.astype(jnp.float32)
+    metrics["entropy"] = jax.lax.stop_gradient(
+        jnp.sum(terms.entropy * m_BT) / jnp.maximum(jnp.sum(m_BT), 1.0))
+    return loss, metrics
+
+  def _keep(self, shape, old_logp_BT, ref_logp_BT, advantages_B, mask_BT, truncated_B):
+    """Checks the inputs; the tokens that enter the loss (mask, minus truncated rows)."""
+    B, T = shape
     for name, x in (("old_logp_BT", old_logp_BT), ("ref_logp_BT", ref_logp_BT),
                     ("mask_BT", mask_BT)):
       if x is not None and x.shape != (B, T):
-        raise ValueError(f"{name} has shape {x.shape}, expected logp_BT's {(B, T)}")
+        raise ValueError(f"{name} has shape {x.shape}, expected {(B, T)}")
     if advantages_B.shape != (B,):
       raise ValueError(f"advantages_B has shape {advantages_B.shape}, expected {(B,)}")
     if self.beta > 0 and ref_logp_BT is None:
       raise ValueError(f"ref_logp_BT is None but GRPOLoss.beta={self.beta} > 0 "
                        "needs reference log-probs (set beta=0 to drop the KL term)")
-
     keep_BT = mask_BT.astype(bool)
     if self.mask_truncated:
       if truncated_B is None:
@@ -138,26 +179,12 @@ class GRPOLoss(nn.Module):
       if truncated_B.shape != (B,):
         raise ValueError(f"truncated_B has shape {truncated_B.shape}, expected {(B,)}")
       keep_BT = keep_BT & ~truncated_B.astype(bool)[:, None]
+    return keep_BT
+
+  def _aggregate(self, obj_BT, ratio_BT, kl_BT, advantages_B, keep_BT):
+    """-aggregate(obj) over the kept tokens, and the metrics."""
     m_BT = keep_BT.astype(jnp.float32)
-
-    # Zero the padding before any exp: garbage (e.g. -inf) there would
-    # otherwise make NaN gradients through the masked-out branch.
-    logp = jnp.where(keep_BT, logp_BT.astype(jnp.float32), 0.0)
-    old = jax.lax.stop_gradient(jnp.where(keep_BT, old_logp_BT.astype(jnp.float32), 0.0))
     adv_B1 = jax.lax.stop_gradient(advantages_B.astype(jnp.float32))[:, None]
-
-    ratio_BT = jnp.exp(logp - old)
-    clipped_BT = jnp.clip(ratio_BT, 1.0 - self.epsilon_low, 1.0 + self.epsilon_high)
-    obj_BT = jnp.minimum(ratio_BT * adv_B1, clipped_BT * adv_B1)
-
-    if self.beta > 0:
-      ref = jax.lax.stop_gradient(jnp.where(keep_BT, ref_logp_BT.astype(jnp.float32), 0.0))
-      d_BT = ref - logp
-      kl_BT = jnp.exp(d_BT) - d_BT - 1.0
-      obj_BT = obj_BT - self.beta * kl_BT
-    else:
-      kl_BT = jnp.zeros_like(logp)
-
     n_tok = jnp.maximum(jnp.sum(m_BT), 1.0)
     tok_B = jnp.sum(m_BT, axis=1)
     sum_B = jnp.sum(obj_BT * m_BT, axis=1)

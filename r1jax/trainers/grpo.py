@@ -26,7 +26,9 @@ from tqdm import tqdm
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
 from r1jax.data import tinyworld
 from r1jax.data.templates import r1_zero_prompt
-from r1jax.losses.grpo import GRPOLoss, group_advantages, token_logprobs
+from r1jax.kernels import impl_from_config, token_logprobs_and_clip
+from r1jax.losses.grpo import GRPOLoss, group_advantages
+from r1jax.models.transformer import output_weights_DV
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn, tag_count_reward_fn
 from r1jax.sampling.sampler import SamplingConfig, sample
@@ -74,36 +76,46 @@ def build_batch(prompts: Sequence[Sequence[int]], group_size: int, tokens_BN: np
 # Step.
 # ---------------------------------------------------------------------------
 
+def policy_hidden(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
+  """Final normed hidden states at every position but the last, and the output projection."""
+  hidden_BTD, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                              batch["segment_ids"], return_hidden=True)
+  w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
+  return hidden_BTD[:, :-1], w_DV
+
+
 def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float,
-                    with_entropy: bool = False):
+                    with_entropy: bool = False, impl: str = "auto"):
   """log π(target) at every position: logp_B(T-1) under logits / temperature.
 
   With `with_entropy`, also the entropy of π at every position (the `entropy`
-  metric; gradient stopped): returns (logp, entropy).
+  metric; gradient stopped): returns (logp, entropy). `impl` picks the
+  log-prob kernel (r1jax.kernels.IMPLS).
   """
-  logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                              batch["segment_ids"])
-  logits_BTV = logits_BTV[:, :-1]
-  logp_BT = token_logprobs(logits_BTV, batch["tokens"][:, 1:], temperature)
+  hidden_BTD, w_DV = policy_hidden(params, batch, model=model)
+  terms = token_logprobs_and_clip(hidden_BTD, w_DV, batch["tokens"][:, 1:],
+                                  temperature=temperature, with_entropy=with_entropy, impl=impl)
   if not with_entropy:
-    return logp_BT
-  logp_BTV = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BTV) / temperature, axis=-1)
-  return logp_BT, -jnp.sum(jnp.exp(logp_BTV) * logp_BTV, axis=-1)
+    return terms.logp
+  return terms.logp, jax.lax.stop_gradient(terms.entropy)
 
 
 def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss: GRPOLoss,
-                    tx: optax.GradientTransformation, temperature: float
+                    tx: optax.GradientTransformation, temperature: float, impl: str = "auto"
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on the GRPO loss; skips non-finite updates (as sft.train_step)."""
+  """One optimizer step on the GRPO loss; skips non-finite updates (as sft.train_step).
+
+  The loss goes from the final hidden states to the per-token terms through the
+  `impl` kernel (r1jax.kernels): with `chunked`/`pallas` the logits are never
+  materialised.
+  """
 
   def loss_fn(params):
-    logp_BT, entropy_BT = policy_logprobs(params, batch, model=model, temperature=temperature,
-                                          with_entropy=True)
-    value, metrics = loss.apply({}, logp_BT, batch["old_logp"], batch.get("ref_logp"),
-                                batch["advantages"], batch["mask"], batch["truncated"])
-    mask = batch["mask"]
-    metrics["entropy"] = jnp.sum(entropy_BT * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return value, metrics
+    hidden_BTD, w_DV = policy_hidden(params, batch, model=model)
+    return loss.apply({}, hidden_BTD, w_DV, batch["tokens"][:, 1:], batch["old_logp"],
+                      batch.get("ref_logp"), batch["advantages"], batch["mask"],
+                      batch["truncated"], temperature=temperature, impl=impl,
+                      method=GRPOLoss.from_hidden)
 
   (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, guard = apply_gradients(state, grads, value, tx)
@@ -111,11 +123,11 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model", "temperature"))
+@functools.partial(jax.jit, static_argnames=("model", "temperature", "impl"))
 def reference_logprobs(ref_params, batch: dict[str, jax.Array], *, model,
-                       temperature: float) -> jax.Array:
+                       temperature: float, impl: str = "auto") -> jax.Array:
   """log π_ref of the batch's targets: the only reference forward (beta > 0 only)."""
-  return policy_logprobs(ref_params, batch, model=model, temperature=temperature)
+  return policy_logprobs(ref_params, batch, model=model, temperature=temperature, impl=impl)
 
 
 def minibatches(batch: dict[str, np.ndarray], num_minibatches: int, group_size: int
@@ -202,8 +214,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
 
   loss = make_loss(gc)
+  impl = impl_from_config(config)
   step_fn = functools.partial(grpo_train_step, model=model, loss=loss, tx=tx,
-                              temperature=gc.temperature)
+                              temperature=gc.temperature, impl=impl)
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
   sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
                       top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids)
@@ -253,7 +266,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         if use_ref:
           for mb in parts:
             mb["ref_logp"] = reference_logprobs(ref_params, mb, model=model,
-                                                temperature=gc.temperature)
+                                                temperature=gc.temperature, impl=impl)
         step_metrics = []
         for _ in range(mu):
           for mb in parts:

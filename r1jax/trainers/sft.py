@@ -21,7 +21,9 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
-from r1jax.losses.sft import masked_cross_entropy
+from r1jax.kernels import impl_from_config
+from r1jax.losses.sft import hidden_cross_entropy
+from r1jax.models.transformer import output_weights_DV
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.trainers.metrics import MetricsWriter, plot_curves
 from r1jax.trainers.optim import learning_rate_schedule
@@ -37,13 +39,20 @@ class NonFiniteError(FloatingPointError):
 # ---------------------------------------------------------------------------
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on masked next-token loss; skips non-finite updates."""
+               tx: optax.GradientTransformation, impl: str = "auto"
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on masked next-token loss; skips non-finite updates.
+
+  `impl` picks the log-prob kernel (r1jax.kernels.IMPLS) that takes the final
+  hidden states to the loss.
+  """
 
   def loss_fn(params):
-    logits_BTV, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                                batch["segment_ids"])
-    return masked_cross_entropy(logits_BTV, batch["targets"], batch["loss_weights"])
+    hidden_BTD, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
+                                batch["segment_ids"], return_hidden=True)
+    w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
+    return hidden_cross_entropy(hidden_BTD, w_DV, batch["targets"], batch["loss_weights"],
+                                impl=impl)
 
   (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   new_state, guard = apply_gradients(state, grads, loss, tx)
@@ -78,7 +87,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
   start = int(state.step)
 
-  step_fn = functools.partial(train_step, model=model, tx=tx)
+  step_fn = functools.partial(train_step, model=model, tx=tx, impl=impl_from_config(config))
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
     writer = MetricsWriter(workdir)
