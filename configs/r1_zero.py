@@ -96,7 +96,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = c.pretrain.model.to_dict()  # ModelConfig fields; must match the base
 
   c.grpo = ml_collections.ConfigDict()
-  c.grpo.num_steps = 3 if smoke else 60  # rollouts (each followed by updates_per_rollout updates)
+  c.grpo.num_steps = 3 if smoke else 40  # rollouts (each followed by updates_per_rollout updates)
   c.grpo.prompts_per_step = 4 if smoke else 16  # B: problems drawn per step (train split)
   c.grpo.levels = (1, 2, 3, 4)  # difficulty levels drawn from, in equal shares
   c.grpo.num_generations = 4 if smoke else 8  # G: completions per prompt
