@@ -2,7 +2,9 @@
 
 Orbax writes each step into a temporary directory and renames it only when
 complete, so a run killed mid-save never leaves a checkpoint that is taken as
-complete; `latest_step` sees finished ones only.
+complete; `latest_step` sees finished ones only, and the temporary directories
+of killed saves are deleted (in the background) when the next run opens the
+directory (tests/test_preemption.py kills runs inside a commit).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ class Checkpointer:
   def __init__(self, directory: str, *, keep: int = 3, save_every: int = 1):
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True)
+        max_to_keep=keep, save_interval_steps=save_every, create=True,
+        cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options, item_names=("state", "meta"))
 

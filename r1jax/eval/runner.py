@@ -89,5 +89,8 @@ def evaluate(model, params, tokenizer: Tokenizer, problems: Sequence[Any],
 
 
 def write_results(workdir: str, results: dict):
-  with open(os.path.join(workdir, "results.json"), "w") as f:
+  """WORKDIR/results.json, replaced atomically (a kill never leaves half a file)."""
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".tmp", "w") as f:
     json.dump(results, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)

@@ -42,8 +42,12 @@ def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs: list[st
   """WORKDIR/tokenizer.model, trained on the corpus the first time."""
   path = os.path.join(workdir, "tokenizer.model")
   if not os.path.exists(path):
-    train_sentencepiece(docs[:config.tokenizer.num_docs], path[:-len(".model")],
-                        vocab_size=config.tokenizer.vocab_size, seed=config.seed)
+    # Trained under a temporary name: a run killed meanwhile never leaves a
+    # truncated tokenizer.model that the restart would take as done.
+    tmp = train_sentencepiece(docs[:config.tokenizer.num_docs], path[:-len(".model")] + ".tmp",
+                              vocab_size=config.tokenizer.vocab_size, seed=config.seed)
+    os.replace(tmp[:-len(".model")] + ".vocab", path[:-len(".model")] + ".vocab")
+    os.replace(tmp, path)
   tok = load_tokenizer(path)
   if tok.vocab_size > config.model.vocab_size:
     raise ConfigError(f"tokenizer {path} has {tok.vocab_size} pieces but "

@@ -15,15 +15,25 @@ import jax
 
 class MetricsWriter:
   """Appends `{"step": s, **metrics}` lines to WORKDIR/metrics.jsonl and the
-  same scalars to TensorBoard under WORKDIR/tensorboard."""
+  same scalars to TensorBoard under WORKDIR/tensorboard.
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  `resume_step`: the step a run resumes from. Rows a killed run wrote after
+  its last checkpoint are dropped (the resumed run writes them again, so the
+  file ends up as an uninterrupted run's), and TensorBoard is told to purge
+  its events past that step.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None,
+               resume_step: int | None = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
     if self.enabled:
+      if resume_step is not None:
+        truncate_jsonl(self.path, resume_step)
       from tensorboardX import SummaryWriter  # deferred: heavy import
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=None if resume_step is None else resume_step + 1)
 
   def write(self, step: int, metrics: Mapping[str, float]):
     if not self.enabled:
@@ -44,6 +54,33 @@ class MetricsWriter:
 def _to_float(v):
   v = float(v)
   return v if math.isfinite(v) else None  # JSON has no NaN; null marks it
+
+
+def truncate_jsonl(path: str, last_step: int) -> int:
+  """Drops the rows of `path` with `step > last_step`, and a torn last line
+  (a write cut by a kill); rewrites atomically. Returns the rows dropped."""
+  if not os.path.exists(path):
+    return 0
+  keep, dropped = [], 0
+  with open(path, "rb") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+        ok = line.endswith(b"\n") and int(row["step"]) <= last_step
+      except (ValueError, KeyError, TypeError):
+        ok = False
+      if ok:
+        keep.append(line)
+      else:
+        dropped += bool(line.strip())
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+      f.writelines(keep)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  return dropped
 
 
 def read_metrics(path: str) -> list[dict]:

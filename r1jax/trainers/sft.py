@@ -90,7 +90,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
   step_fn = functools.partial(train_step, model=model, tx=tx, impl=impl_from_config(config))
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
-    writer = MetricsWriter(workdir)
+    writer = MetricsWriter(workdir, resume_step=start)
     stop = StopOnSignal()
     bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                desc=config.get("name", "train"), dynamic_ncols=True,
