@@ -99,6 +99,13 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.num_steps = 3 if smoke else 40  # rollouts (each followed by updates_per_rollout updates)
   c.grpo.prompts_per_step = 4 if smoke else 16  # B: problems drawn per step (train split)
   c.grpo.levels = (1, 2, 3, 4)  # difficulty levels drawn from, in equal shares
+  # A jsonl task file (question/problem/prompt + answer, or code tests) replaces
+  # the tiny-world problems; "" = tiny world. See r1jax/data/jsonl.py. Code
+  # tasks run every test in the sandbox: give reward_timeout_s room for them.
+  c.grpo.train_file = ""
+  c.grpo.on_bad_line = "raise"  # malformed task-file line: raise (file:line:field) | skip (counted)
+  c.grpo.max_prompt_tokens = 0  # task-file prompt budget in tokens; 0 = positions - max_new_tokens
+  c.grpo.overlong_prompts = "truncate_left"  # longer prompts: truncate_left (keep the end) | skip
   c.grpo.num_generations = 4 if smoke else 8  # G: completions per prompt
   # KL weight. 0 = no reference model and no reference forward (a third less
   # compute, as DAPO / Dr.GRPO argue the KL term is not needed); R1 uses 0.001.

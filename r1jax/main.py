@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import sys
@@ -80,6 +81,31 @@ def main(argv):
   print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, sort_keys=True))
 
 
+def _config_key_hint(argv: list[str], flag: str) -> str:
+  """For an unknown `--config.a.b=v`: the closest fields at the level where it goes wrong,
+  or that level's fields when none is close."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  try:
+    node = load_config(spec)
+  except Exception:  # pylint: disable=broad-except  (the config error is reported elsewhere)
+    return ""
+  path = flag.split("=", 1)[0][len("--config."):].split(".")
+  for i, part in enumerate(path):
+    keys = list(node.keys()) if hasattr(node, "keys") else []
+    if part in keys:
+      node = node[part]
+      continue
+    where = ".".join(path[:i])
+    full = lambda k: f"{where}.{k}" if where else k
+    close = difflib.get_close_matches(part, keys, n=3, cutoff=0.6)
+    if close:
+      return f"; did you mean {' or '.join(full(k) for k in close)}?"
+    return f"; {'config.' + where if where else 'config'} has {', '.join(sorted(keys))}"
+  return ""
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl flag parsing, with config mistakes reported as one line (exit 2)."""
   try:
@@ -92,6 +118,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     culprit = next((a for a in argv[1:] if isinstance(cause, KeyError) and detail in a), None)
     if isinstance(cause, KeyError):
       detail = f"no config field {detail!r}"
+      if culprit and culprit.startswith("--config."):
+        detail += _config_key_hint(argv, culprit)
     else:
       detail = f"{type(cause).__name__}: {detail}"
     where = f" {culprit}" if culprit else ""

@@ -105,7 +105,7 @@ def micro_tokenizer(tmp_path_factory):
   return load_tokenizer(path)
 
 
-def _micro_train(workdir, tok, rewards=None, loss_impl=None, **grpo_overrides):
+def _micro_train(workdir, tok, rewards=None, loss_impl=None, train=None, **grpo_overrides):
   from r1jax.trainers.optim import make_optimizer
   spec = importlib.util.spec_from_file_location("r1_zero_config",
                                                 os.path.join(REPO, "configs/r1_zero.py"))
@@ -119,6 +119,7 @@ def _micro_train(workdir, tok, rewards=None, loss_impl=None, **grpo_overrides):
     c.loss = ml_collections.ConfigDict({"impl": loss_impl})
   c.train.progress_bar = False
   c.train.checkpoint_every = 100
+  c.train.update(train or {})
   c.optim.update(learning_rate=0.05, warmup_steps=0)
   model = Transformer(ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
                                   num_hidden_layers=1, num_attention_heads=2,

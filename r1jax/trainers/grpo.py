@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from typing import Any, Sequence
@@ -24,15 +25,17 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
-from r1jax.data import tinyworld
+from r1jax.data import jsonl, tinyworld
 from r1jax.data.templates import r1_zero_prompt
+from r1jax.errors import ConfigError
 from r1jax.kernels import impl_from_config, token_logprobs_and_clip
 from r1jax.losses.grpo import GRPOLoss, group_advantages
 from r1jax.models.transformer import output_weights_DV
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
-from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn, tag_count_reward_fn
+from r1jax.rewards import (RewardRunner, accuracy_reward_fn, code_reward_fn, format_reward_fn,
+                           tag_count_reward_fn)
 from r1jax.sampling.sampler import SamplingConfig, sample
-from r1jax.trainers.metrics import MetricsWriter, plot_curves
+from r1jax.trainers.metrics import MetricsWriter, plot_curves, truncate_jsonl
 from r1jax.trainers.optim import learning_rate_schedule
 from r1jax.trainers.sft import NonFiniteError, StopOnSignal, jit_train_step
 from r1jax.trainers.state import TrainState, apply_gradients, create_train_state
@@ -157,19 +160,57 @@ def make_loss(gc: ml_collections.ConfigDict) -> GRPOLoss:
 # Loop.
 # ---------------------------------------------------------------------------
 
-def reward_fns(gc: ml_collections.ConfigDict) -> dict:
-  """name -> (fn, weight): accuracy and format, plus tag-count when weighted."""
-  fns = {"accuracy": (accuracy_reward_fn, gc.accuracy_weight),
-         "format": (format_reward_fn, gc.format_weight)}
+def reward_fns(gc: ml_collections.ConfigDict, kind: str = "math") -> dict:
+  """name -> (fn, weight): accuracy (code tests for a code task, sandboxed) and
+  format, plus tag-count when weighted."""
+  if kind == "code":
+    fns = {"code": (code_reward_fn, gc.accuracy_weight)}
+  else:
+    fns = {"accuracy": (accuracy_reward_fn, gc.accuracy_weight)}
+  fns["format"] = (format_reward_fn, gc.format_weight)
   if gc.get("tag_count_weight", 0.0):
     fns["tag_count"] = (tag_count_reward_fn, gc.tag_count_weight)
   return fns
 
 
-def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int) -> list:
-  """The prompts of step `step`: a pure function of (seed, step)."""
-  return tinyworld.generate_problems("train", gc.prompts_per_step, seed * 1_000_003 + step,
-                                     tuple(gc.levels))
+def load_task(gc: ml_collections.ConfigDict, tokenizer, max_positions: int) -> list | None:
+  """`gc.train_file`'s problems as (problem, prompt ids) pairs, or None (tiny world).
+
+  Malformed lines raise (file:line:field) or are skipped (`gc.on_bad_line`);
+  prompts longer than `gc.max_prompt_tokens` (0: what the model's positions
+  leave after max_new_tokens) are cut from the left or skipped
+  (`gc.overlong_prompts`). Everything dropped is counted in the log.
+  """
+  path = gc.get("train_file", "")
+  if not path:
+    return None
+  problems, counts = jsonl.load_problems(path, on_error=gc.get("on_bad_line", "raise"))
+  limit = gc.get("max_prompt_tokens", 0) or max_positions - gc.max_new_tokens
+  ids = jsonl.fit_prompts([tokenizer.encode(r1_zero_prompt(p.question)) for p in problems],
+                          limit, gc.get("overlong_prompts", "truncate_left"), counts)
+  task = [(p, x) for p, x in zip(problems, ids) if x is not None]
+  if not task:
+    raise ConfigError(f"grpo.train_file={path} has no usable problems ({dict(counts)})")
+  if len({p.kind for p, _ in task}) > 1:
+    raise ConfigError(f"grpo.train_file={path} mixes math and code problems; split it")
+  logging.warning("task %s: %d problems (%s)", path, len(task),
+                  ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+  return task
+
+
+def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int, task: list | None = None
+                  ) -> list:
+  """The problems of step `step`: a pure function of (seed, step) (and the task).
+
+  Tiny world: freshly generated problems. Task file: `prompts_per_step`
+  (problem, prompt ids) pairs drawn by a generator seeded with (seed, step).
+  """
+  if task is None:
+    return tinyworld.generate_problems("train", gc.prompts_per_step, seed * 1_000_003 + step,
+                                       tuple(gc.levels))
+  rng = np.random.default_rng([seed, step])
+  picks = rng.choice(len(task), gc.prompts_per_step, replace=len(task) < gc.prompts_per_step)
+  return [task[i] for i in picks]
 
 
 def _ckpt_tree(state: TrainState, ref_params: Any) -> dict:
@@ -192,9 +233,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   `rewards` ({name: (fn, weight)}) replaces the config's reward functions.
   A reward that raises or times out scores 0 and is counted in
   `rewards/<name>/errors` and `rewards/<name>/timeouts`; training goes on.
+  `config.grpo.train_file` (jsonl) replaces the tiny-world problems (`load_task`).
+
+  Pre-emption: a restart with the same arguments resumes from the last
+  complete checkpoint and reproduces the uninterrupted run (prompts, keys and
+  reference refreshes are functions of the step; metrics/sample rows written
+  after that checkpoint are dropped and written again). SIGTERM saves a
+  checkpoint after the current step and exits 143.
+  Non-finite loss/gradients: the update is skipped, logged with its step,
+  mini-batch and problem ids and counted in `skipped_updates`; more than
+  `train.max_consecutive_nonfinite` in a row raise NonFiniteError.
   """
   gc, tc = config.grpo, config.train
   G, mu = gc.num_generations, gc.updates_per_rollout
+  task = load_task(gc, tokenizer, model.config.max_position_embeddings)  # bad input fails first
   num_mb = gc.get("num_minibatches", 1)
   mu_total = updates_per_step(gc)
   num_updates = gc.num_steps * mu_total
@@ -220,11 +272,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
   sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
                       top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids)
-  rewards = RewardRunner(rewards or reward_fns(gc), timeout_s=gc.reward_timeout_s,
+  kind = task[0][0].kind if task else "math"
+  rewards = RewardRunner(rewards or reward_fns(gc, kind), timeout_s=gc.reward_timeout_s,
                          workers=gc.reward_workers)
   lr_at = learning_rate_schedule(config.optim, num_updates)
-  writer = MetricsWriter(workdir)
+  # Rows a killed run wrote after its last checkpoint are written again below.
+  writer = MetricsWriter(workdir, resume_step=start)
   samples_path = os.path.join(workdir, "samples.jsonl")
+  if writer.enabled:
+    truncate_jsonl(samples_path, start)
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
     stop = StopOnSignal()
@@ -239,9 +295,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         sample_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
 
         # Rollout.
-        problems = step_problems(gc, config.seed, step)
+        drawn = step_problems(gc, config.seed, step, task)
+        problems = [p for p, _ in drawn] if task else drawn
         texts = [r1_zero_prompt(p.question) for p in problems]
-        prompts = [tokenizer.encode(t) for t in texts]
+        prompts = [ids for _, ids in drawn] if task else [tokenizer.encode(t) for t in texts]
         t0 = time.perf_counter()
         out = jax.device_get(sample(model, state.params, prompts, sample_key, sc,
                                     eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
@@ -272,19 +329,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
           for mb in parts:
             state, metrics = jitted(state, mb)
             step_metrics.append(metrics)
-        m = {k: float(np.mean([x[k] for x in jax.device_get(step_metrics)]))
-             for k in step_metrics[0]}
+        step_metrics = jax.device_get(step_metrics)
+        m = {k: float(np.mean([x[k] for x in step_metrics])) for k in step_metrics[0]}
         t_train = time.perf_counter() - t0
 
         done = step + 1
+        skipped = [u for u, x in enumerate(step_metrics) if int(x["nonfinite"])]
+        per_mb = len(problems) // num_mb
+        for u in skipped:  # update u = epoch * num_mb + mini-batch
+          epoch, mb = divmod(u, num_mb)
+          logging.warning("GRPO step %d: non-finite loss or gradient in update %d (epoch %d, "
+                          "mini-batch %d, problems %s): update skipped", done, u, epoch, mb,
+                          ",".join(p.uid for p in problems[mb * per_mb:(mb + 1) * per_mb]))
         run = int(state.nonfinite_run)
         if run > tc.max_consecutive_nonfinite:
-          raise NonFiniteError(f"{run} consecutive non-finite updates ending at GRPO step {done}")
+          raise NonFiniteError(f"{run} consecutive non-finite updates ending at GRPO step {done} "
+                               f"(train.max_consecutive_nonfinite={tc.max_consecutive_nonfinite})")
         group_std = rewards_BG.std(axis=1)
+        if (group_std == 0).all():  # no learning signal this step: normal early on, not an error
+          logging.info("GRPO step %d: every group's rewards are equal (mean %.3f); advantages "
+                       "are 0", done, float(rewards_BG.mean()))
         m.update({
             "reward": float(rewards_BG.mean()),
             "reward_std": float(group_std.mean()),
             "frac_reward_zero_std": float((group_std == 0).mean()),
+            "skipped_updates": float(len(skipped)),
             **reward_stats,
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float(host["truncated"].mean()),
