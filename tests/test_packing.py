@@ -55,3 +55,16 @@ def test_best_fit_packing_leaves_little_padding():
   # Next fit (one open row) wastes far more on the same documents.
   next_fit = pack_documents(docs, seq_len=256, bos_id=2, eos_id=3, open_rows=1)
   assert (next_fit["segment_ids"] > 0).mean() < fill - 0.1
+
+
+def test_prompt_tokens_are_not_targets():
+  docs = [[5, 6, 7, 8], [9, 10, 11]]
+  out = pack_documents(docs, seq_len=16, bos_id=2, eos_id=3, prompt_lengths=[2, 0])
+  plain = pack_documents(docs, seq_len=16, bos_id=2, eos_id=3)
+  np.testing.assert_array_equal(out["tokens"], plain["tokens"])
+  trained = out["targets"][out["loss_weights"] > 0].tolist()
+  # doc 0: prompt 5 6 untrained, completion 7 8 + eos; doc 1: everything + eos.
+  assert sorted(trained) == sorted([7, 8, 3, 9, 10, 11, 3])
+  assert plain["loss_weights"].sum() == 9  # without prompts: 5 6 7 8 eos 9 10 11 eos
+  with pytest.raises(ValueError, match="prompt length 5"):
+    pack_documents(docs, seq_len=16, bos_id=2, eos_id=3, prompt_lengths=[5, 0])
