@@ -155,3 +155,47 @@ def test_select_dedupes_caps_and_counts(tmp_path):
   (tmp_path / "bad.jsonl").write_text('{"prompt": "x", "completion": "y"}\n{"prompt": "x"}\n')
   with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'completion'"):
     rejection.read_dataset(str(tmp_path / "bad.jsonl"))
+
+
+# ---------------------------------------------------------------------------
+# Tiny-world R1 data: readable rewrites, translation task, helpfulness pairs.
+# ---------------------------------------------------------------------------
+
+def test_readable_rewrite_of_r1_zero_outputs():
+  import random
+  from r1jax.data import tinyworld, tinyworld_r1
+  from r1jax.rewards.format import format_reward
+  rng = random.Random(0)
+  for p in tinyworld.generate_problems("train", 60, 0, (1, 2, 3, 4)):
+    for mode in ("en", "la", "mixed"):
+      out = tinyworld_r1.readable(tinyworld.r1_zero_completion(p, mode, rng), "la")
+      # One language, the same steps, a summary: R1's readable format.
+      assert out == tinyworld_r1.render_readable(p.steps, p.answer, "la"), (mode, out)
+      assert rejection.language_consistency(out, "la") == 1.0
+      assert format_reward(out, summary=True) == 1.0 and format_reward(out) == 0.0
+  assert tinyworld_r1.readable(MIXED, "en") == (
+      " <think> first we add 6 and 6 to get 12 . finally we add 12 and 8 to get 20 . so the "
+      "answer is 20 . </think> in short , the answer is 20 . <answer> 20 </answer>")
+  # Not rewritable: a wrong step, a conclusion that is not the last result, no reasoning,
+  # a sentence that is not a step, no answer block.
+  for bad in (EN.replace("to get 12", "to get 13"), EN.replace("answer is 20", "answer is 19"),
+              " <think> so the answer is 20 . </think> <answer> 20 </answer>",
+              EN.replace("first we add", "first we ponder"), EN.split("<answer>")[0]):
+    assert tinyworld_r1.readable(bad, "en") is None, bad
+  assert tinyworld_r1.summary_of(tinyworld_r1.readable(EN, "en")) == " in short , the answer is 20 ."
+
+
+def test_translation_task_and_helpfulness_pairs():
+  from r1jax.data import tinyworld, tinyworld_r1
+  for prompt, completion in tinyworld_r1.translation_examples(20, 0):
+    src = prompt.split(" : ")[1].split(". Assistant:")[0]
+    lang = "la" if "into latin" in prompt else "en"
+    other = "en" if lang == "la" else "la"
+    assert rejection.language_consistency(completion, lang) == 1.0
+    assert rejection.language_consistency(src, other) == 1.0
+    assert "<think>" not in completion  # non-reasoning: no chain of thought
+  problems = tinyworld.generate_problems("train", 20, 0, (1, 2))
+  rows = tinyworld_r1.helpfulness_pairs(problems, 0)
+  for p, row in zip(problems, rows):
+    assert str(p.answer) in row["chosen"].split() and str(p.answer) not in row["rejected"]
+  assert {rejection.language_consistency(r["chosen"], "la") for r in rows} == {0.0, 1.0}
