@@ -247,12 +247,16 @@ _STEP_PHRASES = {
            "*": "multiplicamus {a} per {b} et fit {r} ."},
 }
 _CONCLUSIONS = {"en": "so the answer is {r} .", "la": "ergo responsum est {r} ."}
+# Reflection: what a self-correcting solution says after a wrong step, before
+# redoing it (the R1 paper's "wait ... let me re-evaluate"; issue 11).
+REFLECTIONS = {"en": "wait , let me check .", "la": "exspecta , recognoscamus ."}
 
 
 def _words_of(lang: str) -> frozenset:
   """Every word the tiny world writes in `lang`."""
   texts = list(_QUESTIONS[lang]) + list(_STEP_PHRASES[lang].values())
   texts.append(_CONCLUSIONS[lang])
+  texts.append(REFLECTIONS[lang])
   connectives = _CONNECTIVES[lang]
   texts += [connectives["first"], connectives["last"], *connectives["middle"]]
   return frozenset(w for t in texts for w in t.split() if w.isalpha())
@@ -353,6 +357,27 @@ MALFORMATIONS = (
 DEFAULT_MODE_WEIGHTS = types.MappingProxyType({"en": 0.4, "la": 0.3, "mixed": 0.3})
 
 
+def self_correcting_solution(problem: Problem, mode: str, rng: random.Random) -> str:
+  """A worked solution that gets one step wrong, reflects, and redoes it right:
+  "... we add 3 and 4 to get 8 . wait , let me check . we add 3 and 4 to get 7 . ..."."""
+  num_steps = len(problem.steps)
+  langs = _sentence_languages(num_steps + 2, mode, rng)
+  bad = rng.randrange(num_steps)
+  sentences = []
+  for i, step in enumerate(problem.steps):
+    if i == bad:
+      op, a, b, r = step
+      wrong = r + rng.choice((-2, -1, 1, 2))
+      wrong = wrong if wrong >= 0 else r + 1
+      sentences.append(_step_sentence((op, a, b, wrong), i, num_steps, langs[i]))
+      sentences.append(REFLECTIONS[langs[-2]])
+      sentences.append(_STEP_PHRASES[langs[i]][op].format(a=a, b=b, r=r))
+    else:
+      sentences.append(_step_sentence(step, i, num_steps, langs[i]))
+  sentences.append(_CONCLUSIONS[langs[-1]].format(r=problem.answer))
+  return " ".join(sentences)
+
+
 def drill_document(problems: Sequence[Problem], mode: str, rng: random.Random) -> str:
   """Arithmetic practice: the solving steps of `problems` as bare sentences.
 
@@ -419,6 +444,7 @@ def pretraining_corpus(
     direct_fraction: float = 0.0,
     drill_fraction: float = 0.0,
     mode_weights: Mapping[str, float] = DEFAULT_MODE_WEIGHTS,
+    self_correct_fraction: float = 0.0,
 ) -> list[str]:
   """Pretraining documents built from train-split problems only.
 
@@ -437,6 +463,10 @@ def pretraining_corpus(
     drill_fraction: share of documents that are `drill_document`s of the
       steps of 4 train problems, taken before the other kinds are drawn.
     mode_weights: relative weights of the reasoning-language modes.
+    self_correct_fraction: share of plain and well-formed, reasoning R1-Zero
+      documents whose solution is `self_correcting_solution` (a wrong step, a
+      reflection, the fix): whether RL amplifies reflection becomes a
+      measurable question (issue 11). 0 leaves the corpus exactly as before.
 
   Returns:
     `num_docs` strings, without BOS/EOS.
@@ -444,7 +474,8 @@ def pretraining_corpus(
   for name, value in (("plain_fraction", plain_fraction),
                       ("malformed_fraction", malformed_fraction),
                       ("direct_fraction", direct_fraction),
-                      ("drill_fraction", drill_fraction)):
+                      ("drill_fraction", drill_fraction),
+                      ("self_correct_fraction", self_correct_fraction)):
     if not 0.0 <= value <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {value}")
   if set(mode_weights) - set(MODES) or sum(mode_weights.values()) <= 0:
@@ -453,12 +484,16 @@ def pretraining_corpus(
   rng = random.Random(f"tinyworld/corpus/{seed}")
   docs = []
   drill_rng = random.Random(f"tinyworld/drills/{seed}")
+  sc_rng = random.Random(f"tinyworld/self_correct/{seed}")  # apart: 0 leaves the rest as it was
   for problem in problems:
     mode = _weighted_choice(mode_weights, rng)
     if drill_fraction and drill_rng.random() < drill_fraction:
       docs.append(drill_document([problem] + drill_rng.sample(problems, 3), mode, rng))
     elif rng.random() < plain_fraction:
       docs.append(plain_document(problem, mode, rng))
+      if self_correct_fraction and sc_rng.random() < self_correct_fraction:
+        docs[-1] = (f"Problem: {problem.question}\n"
+                    f"Solution: {self_correcting_solution(problem, mode, sc_rng)}")
     else:
       malformed = rng.random() < malformed_fraction
       if malformed:
@@ -466,4 +501,8 @@ def pretraining_corpus(
       else:
         kind = "direct" if direct_fraction and rng.random() < direct_fraction else None
       docs.append(r1_zero_document(problem, mode, rng, kind))
+      if kind is None and self_correct_fraction and sc_rng.random() < self_correct_fraction:
+        docs[-1] = r1_zero_prompt(problem.question) + (
+            f" <think> {self_correcting_solution(problem, mode, sc_rng)} </think> "
+            f"<answer> {problem.answer} </answer>")
   return docs
