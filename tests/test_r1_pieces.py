@@ -199,3 +199,13 @@ def test_translation_task_and_helpfulness_pairs():
   for p, row in zip(problems, rows):
     assert str(p.answer) in row["chosen"].split() and str(p.answer) not in row["rejected"]
   assert {rejection.language_consistency(r["chosen"], "la") for r in rows} == {0.0, 1.0}
+
+
+def test_language_reward_reads_the_question_not_the_template():
+  from r1jax.data.templates import r1_zero_prompt
+  from r1jax.rewards import language_consistency_reward_fn
+  # The R1-Zero template is English; a Latin question still asks for Latin reasoning.
+  assert language_consistency_reward_fn(r1_zero_prompt(Q_LA), LA, "") == 1.0
+  assert language_consistency_reward_fn(r1_zero_prompt(Q_LA), EN, "") == 0.0
+  assert language_consistency_reward_fn(r1_zero_prompt(Q_EN), MIXED, "") == pytest.approx(4 / 14)
+  assert language_consistency_reward_fn(Q_EN, EN, "") == 1.0  # an untemplated prompt

@@ -46,3 +46,17 @@ def language_consistency_reward(prompt: str, completion: str, reference: str, *,
     if target_lang is None:
       return 0.0
   return tinyworld.language_fraction(chain_of_thought(completion), target_lang)
+
+
+def _question_of(prompt: str) -> str:
+  """The user's question inside an R1-Zero templated prompt (the template's own
+  English words must not decide the target language), else the prompt itself."""
+  if "User: " in prompt and prompt.rstrip().endswith("Assistant:"):
+    return prompt.rsplit("User: ", 1)[1].rsplit("Assistant:", 1)[0]
+  return prompt
+
+
+def language_consistency_reward_fn(prompt: str, completion: str, reference: str) -> float:
+  """R1 stage 2's language reward in the reward signature: the share of the chain
+  of thought in the question's language (inferred from the question, not the template)."""
+  return language_consistency_reward(_question_of(prompt), completion, reference, target_lang=None)
