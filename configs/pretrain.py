@@ -2,28 +2,40 @@
 
   python -m r1jax.main --config=configs/pretrain.py:tiny --workdir=/tmp/base
 
-`smoke` is the same pipeline shrunk to seconds (used by the tests).
+`smoke` is the same pipeline shrunk to seconds (used by the tests). `tiny-moe`
+and `smoke-moe` pretrain the DeepSeek-V3-shaped base instead of the dense one
+(MLA + DeepSeekMoE; r1jax.models.deepseek_v3 preset `deepseek-v3-tiny`).
 """
 
 import dataclasses
 
 import ml_collections
 
+from r1jax.models import deepseek_v3
 from r1jax.models.config import get_preset
+
+PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
-  if arg not in ("tiny", "smoke"):
-    raise ValueError(f"configs/pretrain.py knows presets 'tiny' and 'smoke', not {arg!r}")
-  smoke = arg == "smoke"
+  if arg not in PRESETS:
+    raise ValueError(f"configs/pretrain.py knows presets {PRESETS}, not {arg!r}")
+  smoke = arg.startswith("smoke")
   c = ml_collections.ConfigDict()
   c.name = f"pretrain-{arg}"
   c.stage = "pretrain"
   c.seed = 0  # model init, data order and sampling keys derive from it
 
-  c.model = dataclasses.asdict(get_preset("tiny"))  # ModelConfig fields
-  if smoke:
-    c.model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
+  if arg.endswith("-moe"):  # DeepseekV3Config fields
+    c.model = dataclasses.asdict(deepseek_v3.get_preset("deepseek-v3-tiny"))
+    if smoke:  # one dense + one MoE layer at D=64
+      c.model.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                     num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=32,
+                     kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+  else:
+    c.model = dataclasses.asdict(get_preset("tiny"))  # ModelConfig fields
+    if smoke:
+      c.model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.vocab_size = 640  # upper bound; sentencepiece may stop short

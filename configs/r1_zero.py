@@ -6,13 +6,15 @@ straight from the pretrained base).
 
 Without `base_workdir` the base is pretrained first into WORKDIR/base with
 configs/pretrain.py of the same preset. `smoke` shrinks everything to seconds
-(used by the tests).
+(used by the tests). `tiny-moe` / `smoke-moe` are the same runs with the
+DeepSeek-V3-shaped base (MLA + DeepSeekMoE, r1jax.models.deepseek_v3):
 
-Real presets (`qwen2.5-math-1.5b`, `qwen2.5-math-7b`; `deepseek-v3` once the
-MoE model exists) carry the paper's GRPO settings at their scale. They build,
-shard and pass `jax.eval_shape` (tests/test_r1_zero_presets.py); running them
-needs a converted base checkpoint and a real task set (Hugging Face import and
-jsonl tasks: not built yet, the stage says so).
+  python -m r1jax.main --config=configs/r1_zero.py:tiny-moe --workdir=/tmp/r1zero-moe
+
+Real presets (`qwen2.5-math-1.5b`, `qwen2.5-math-7b`, `deepseek-v3`) carry the
+paper's GRPO settings at their scale. They build, shard and pass
+`jax.eval_shape` (tests/test_r1_zero_presets.py); running them needs a
+converted base checkpoint and a real task set.
 """
 
 import dataclasses
@@ -21,9 +23,10 @@ import os
 
 import ml_collections
 
-from r1jax.models.config import get_preset
+from r1jax.models.build import get_preset
 
 REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
+TINY_PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe")
 
 
 def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
@@ -39,15 +42,17 @@ def _real_config(name: str) -> ml_collections.ConfigDict:
   """The R1-Zero recipe at scale (DeepSeek-R1, Nature 2025 supplementary):
   32 prompts x 16 samples = 512 completions per step, one update per rollout,
   beta 0.001, temperature 1, lr 3e-6, reference refreshed every 400 steps."""
-  if name == "deepseek-v3":
-    raise ValueError("configs/r1_zero.py:deepseek-v3 needs the DeepSeek-V3 MoE model "
-                     "(MLA + DeepSeekMoE), which r1jax does not have yet")
   c = get_config("tiny")
   c.name = f"r1_zero-{name}"
   c.base_workdir = ""  # required: an r1jax checkpoint converted from the Hugging Face base
   del c["pretrain"]
   c.model = dataclasses.asdict(get_preset(name))
-  c.model.max_position_embeddings = 4096  # Qwen2.5-Math's context: prompt + completion
+  if name == "deepseek-v3":
+    # Experts over an `expert` mesh axis; the 163840-position (YaRN) context is
+    # kept: shortening it below 4096 x 40 would switch YaRN off (and its mscale).
+    c.mesh.expert = 8
+  else:
+    c.model.max_position_embeddings = 4096  # Qwen2.5-Math's context: prompt + completion
   g = c.grpo
   g.num_steps = 8000
   g.prompts_per_step = 32
@@ -74,10 +79,10 @@ def _real_config(name: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg in REAL_PRESETS:
     return _real_config(arg)
-  if arg not in ("tiny", "smoke"):
-    raise ValueError(f"configs/r1_zero.py knows presets 'tiny', 'smoke' and {REAL_PRESETS}, "
+  if arg not in TINY_PRESETS:
+    raise ValueError(f"configs/r1_zero.py knows presets {TINY_PRESETS} and {REAL_PRESETS}, "
                      f"not {arg!r}")
-  smoke = arg == "smoke"
+  smoke = arg.startswith("smoke")
   c = ml_collections.ConfigDict()
   c.name = f"r1_zero-{arg}"
   c.stage = "r1_zero"
@@ -131,6 +136,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.reward_workers = 0 if smoke else 2  # reward processes; 0 = inline (no pool start-up)
   c.grpo.reward_timeout_s = 5.0  # per completion and reward function (workers > 0 only)
   c.grpo.log_samples_every = 1 if smoke else 20  # steps between sample tables in samples.jsonl
+  # Reflection phrases counted in completions, per language ({} = the defaults
+  # of r1jax/eval/dynamics.py: "wait", "let me check", "aha", ... and the tiny
+  # world's Latin ones); logged as reflection/* every step.
+  c.grpo.reflection_markers = {}
   c.grpo.num_samples_logged = 8  # completions per sample table
   c.grpo.eval_every = 0 if smoke else 20  # steps between held-out evals during training; 0 = off
   c.grpo.eval_num_problems = 8 if smoke else 64  # the first n held-out problems of c.eval

@@ -27,7 +27,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRL_KEYS = ("reward", "reward_std", "rewards/accuracy/mean", "rewards/format/mean",
             "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio",
             "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
-            "loss", "grad_norm", "sampling_tokens_per_sec", "train_tokens_per_sec")
+            "loss", "grad_norm", "sampling_tokens_per_sec", "train_tokens_per_sec",
+            # self-evolution metrics (issue 11)
+            "completions/length/p50", "completions/length/p90", "reflection/rate",
+            "reflection/changed_answer_rate", "accuracy/level_1")
 
 
 def _gc(**kw):
@@ -86,6 +89,8 @@ def test_r1_zero_smoke_cli(tmp_path):
   for key in TRL_KEYS:
     assert all(np.isfinite(r[key]) for r in rows), key
   assert rows[0]["completions/mean_length"] > 0
+  assert results["dynamics"]["step"] == [1, 2, 3]
+  assert results["dynamics"]["reflection/rate"] == [r["reflection/rate"] for r in rows]
   assert os.path.getsize(tmp_path / "reward_curve.png") > 1000
   samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
   assert {"prompt", "completion", "reward"} <= set(samples[0])

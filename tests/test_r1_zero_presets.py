@@ -69,9 +69,16 @@ def test_real_preset_builds_shards_and_lowers(name, num_params):
   assert proc.returncode == 0 and "PRESET_OK" in proc.stdout, proc.stderr[-3000:]
 
 
-def test_deepseek_v3_preset_says_what_it_needs():
+def test_deepseek_v3_preset_builds_the_moe_model():
+  """configs/r1_zero.py:deepseek-v3 is the 671B model with experts on an `expert`
+  mesh axis (its shapes and counts: tests/test_deepseek_v3.py)."""
+  from r1jax.models import deepseek_v3
+  from r1jax.models.build import build_model
   spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, "configs/r1_zero.py"))
   cfg = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(cfg)
-  with pytest.raises(ValueError, match="DeepSeek-V3 MoE model"):
-    cfg.get_config("deepseek-v3")
+  c = cfg.get_config("deepseek-v3")
+  model = build_model(c.model)
+  assert isinstance(model, deepseek_v3.DeepseekV3)
+  assert model.config == deepseek_v3.PRESETS["deepseek-v3"]
+  assert c.mesh.expert > 1 and c.grpo.num_generations == 16

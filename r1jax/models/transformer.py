@@ -88,6 +88,10 @@ class Transformer(nn.Module):
 
   config: ModelConfig
 
+  def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache for this model (the sampler calls this on either model family)."""
+    return init_cache(self.config, batch, max_length, dtype)
+
   @nn.compact
   def __call__(self, tokens_BT: jax.Array, positions_BT: Optional[jax.Array] = None,
                segment_ids_BT: Optional[jax.Array] = None, cache: Optional[KVCache] = None,

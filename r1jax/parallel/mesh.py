@@ -1,8 +1,8 @@
 """Device mesh from config and the logical-axis rules that shard the model.
 
 Modules name their axes logically (`embed`, `mlp`, `heads`, `vocab`, ...);
-the rules below map those names onto mesh axes (`data`, `fsdp`, `tensor`), so
-sharding a model differently is a config change, not a rewrite.
+the rules below map those names onto mesh axes (`data`, `fsdp`, `tensor`,
+`expert`), so sharding a model differently is a config change, not a rewrite.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# `expert` (last, so meshes without it lay devices out as before) holds the
+# routed experts of MoE layers (expert parallelism); size 1 unless configured.
+MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # Parameters are sharded over `fsdp` (ZeRO-3 style) and `tensor` (Megatron
 # style); activations' batch over `data` x `fsdp`.
@@ -33,11 +35,13 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("kv_heads", "tensor"),
     ("head_dim", None),
     ("norm", None),
+    ("expert", "expert"),
 )
 
 
 def make_mesh(axis_sizes: dict[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a (data, fsdp, tensor) mesh; one size may be -1 (= the remaining devices)."""
+  """Builds a (data, fsdp, tensor, expert) mesh; absent axes have size 1 and one
+  size may be -1 (= the remaining devices)."""
   devices = list(devices if devices is not None else jax.devices())
   unknown = set(axis_sizes) - set(MESH_AXES)
   if unknown:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.errors import UserError
-from r1jax.models.transformer import KVCache, Transformer, init_cache, output_weights_DV
+from r1jax.models.transformer import KVCache, Transformer, output_weights_DV
 
 
 class SamplingError(UserError, ValueError):
@@ -79,11 +79,13 @@ class SampleOutput:
 
 def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: jax.Array,
            config: SamplingConfig, *, eos_id: int, pad_id: int = 0,
-           max_cache_length: Optional[int] = None) -> SampleOutput:
+           max_cache_length: Optional[int] = None,
+           model_state: Optional[dict] = None) -> SampleOutput:
   """Samples `config.num_samples` completions for each prompt.
 
   Args:
-    model: the decoder; its `config` sizes the cache and bounds positions.
+    model: the decoder (Transformer or DeepseekV3); its `config` sizes the
+      cache and bounds positions, its `init_cache` builds the cache.
     params: the model's (unboxed) params pytree.
     prompts: B token-id lists, each non-empty.
     rng: a PRNG key; see the module docstring for how it is folded.
@@ -94,6 +96,8 @@ def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: ja
     eos_id: end-of-sequence id; generation of a row stops after it.
     pad_id: id written after a row's end (and used to left-pad prompts).
     max_cache_length: KV-cache slots; default bucketed prompt length + max_new_tokens.
+    model_state: the model's non-param collections (TrainState.model_state:
+      the MoE router biases); None or {} for the dense model.
   Returns:
     A SampleOutput of device arrays with B * num_samples rows.
   Raises:
@@ -101,10 +105,11 @@ def sample(model: Transformer, params, prompts: Sequence[Sequence[int]], rng: ja
       that with max_new_tokens does not fit the cache or the model's positions.
   """
   return _sample(model, params, prompts, rng, config, eos_id=eos_id, pad_id=pad_id,
-                 max_cache_length=max_cache_length)[0]
+                 max_cache_length=max_cache_length, model_state=model_state)[0]
 
 
-def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_length):
+def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_length,
+            model_state=None):
   """`sample`, also returning the number of decode steps the loop ran."""
   tokens_BP, lengths_B, max_cache_length = _pad_prompts(
       model, prompts, config, eos_id=eos_id, pad_id=pad_id, max_cache_length=max_cache_length)
@@ -116,7 +121,8 @@ def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_le
       np.int32(config.top_k), np.float32(config.top_p), np.asarray(stop_ids, np.int32),
       np.int32(pad_id), max_new_tokens=config.max_new_tokens,
       num_samples=config.num_samples, greedy=config.temperature == 0.0,
-      truncate=config.top_k > 0 or config.top_p < 1.0, max_cache_length=max_cache_length)
+      truncate=config.top_k > 0 or config.top_p < 1.0, max_cache_length=max_cache_length,
+      model_state=model_state or {})
 
 
 def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
@@ -165,7 +171,7 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
               rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
               stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
               num_samples: int, greedy: bool, truncate: bool,
-              max_cache_length: int) -> tuple[SampleOutput, jax.Array]:
+              max_cache_length: int, model_state=None) -> tuple[SampleOutput, jax.Array]:
   """Prefill + decode loop. Returns the output and the number of decode steps run."""
   B, P = tokens_BP.shape
   G, N = num_samples, max_new_tokens
@@ -174,9 +180,10 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
   # slot P-1; positions restart at 0 on each prompt's first real token.
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  cache = init_cache(model.config, B, max_cache_length)
+  variables = {"params": params, **(model_state or {})}
+  cache = model.init_cache(B, max_cache_length)
   hidden_BPD, cache = model.apply(
-      {"params": params}, tokens_BP, positions_BP, valid_BP.astype(jnp.int32), cache,
+      variables, tokens_BP, positions_BP, valid_BP.astype(jnp.int32), cache,
       return_hidden=True)
   # Project only the last position: full prefill logits would be [B, P, V].
   logits_BV = _head_logits(model, params, hidden_BPD[:, -1])
@@ -216,7 +223,7 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
     prev_B1 = jax.lax.dynamic_slice_in_dim(tokens_BN, step - 1, 1, axis=1)
     positions_B1 = (lengths_B + step - 1)[:, None]
     logits_B1V, cache = model.apply(
-        {"params": params}, prev_B1, positions_B1, jnp.ones_like(prev_B1), cache)
+        variables, prev_B1, positions_B1, jnp.ones_like(prev_B1), cache)
     token_B, logprob_B = pick(step, logits_B1V[:, 0], done_B)
     tokens_BN = jax.lax.dynamic_update_slice_in_dim(tokens_BN, token_B[:, None], step, axis=1)
     logprobs_BN = jax.lax.dynamic_update_slice_in_dim(

@@ -20,8 +20,8 @@ from r1jax.data.templates import r1_zero_prompt
 from r1jax.data.tokenizer import load_tokenizer, train_sentencepiece
 from r1jax.errors import ConfigError
 from r1jax.eval.runner import evaluate, write_results
-from r1jax.models.config import ModelConfig
-from r1jax.models.transformer import Transformer, count_params
+from r1jax.models.build import build_model
+from r1jax.models.transformer import count_params
 from r1jax.parallel.mesh import make_mesh
 from r1jax.trainers import sft
 from r1jax.trainers.optim import make_optimizer
@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = PackedDataset(packed, config.data.batch_size, config.seed)
   t_data = time.perf_counter() - t0
 
-  model = Transformer(ModelConfig(**config.model))
+  model = build_model(config.model)
   mesh = make_mesh(dict(config.mesh))
   tx = make_optimizer(config.optim, config.train.num_steps)
   state = sft.train(config, workdir, model=model, dataset=dataset, mesh=mesh, tx=tx)
@@ -76,7 +76,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if os.path.exists(samples_path):
     os.replace(samples_path, samples_path + ".prev")  # keep, never silently drop
   results = evaluate(model, state.params, tok, problems, r1_zero_prompt, ec,
-                     jax.random.key(ec.seed), samples_path=samples_path)
+                     jax.random.key(ec.seed), samples_path=samples_path,
+                     model_state=state.model_state)
   results.update(
       stage="pretrain", step=int(state.step), num_params=count_params(state.params),
       corpus_docs=len(docs), packed_rows=int(dataset.num_rows),

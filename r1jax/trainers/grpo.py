@@ -27,14 +27,17 @@ from tqdm import tqdm
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
 from r1jax.data import jsonl, tinyworld
 from r1jax.data.templates import r1_zero_prompt
+from r1jax.eval.dynamics import step_dynamics
 from r1jax.errors import ConfigError
 from r1jax.kernels import impl_from_config, token_logprobs_and_clip
 from r1jax.losses.grpo import GRPOLoss, group_advantages
 from r1jax.models.transformer import output_weights_DV
+from r1jax.parallel import distributed
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.rewards import (RewardRunner, accuracy_reward_fn, code_reward_fn, format_reward_fn,
                            tag_count_reward_fn)
 from r1jax.sampling.sampler import SamplingConfig, sample
+from r1jax.trainers import model_aux
 from r1jax.trainers.metrics import MetricsWriter, plot_curves, truncate_jsonl
 from r1jax.trainers.optim import learning_rate_schedule
 from r1jax.trainers.sft import NonFiniteError, StopOnSignal, jit_train_step
@@ -79,23 +82,30 @@ def build_batch(prompts: Sequence[Sequence[int]], group_size: int, tokens_BN: np
 # Step.
 # ---------------------------------------------------------------------------
 
-def policy_hidden(params, batch: dict[str, jax.Array], *, model) -> tuple[jax.Array, jax.Array]:
-  """Final normed hidden states at every position but the last, and the output projection."""
-  hidden_BTD, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                              batch["segment_ids"], return_hidden=True)
+def _policy_forward(params, model_state, batch: dict[str, jax.Array], *, model):
+  """(hidden_BTD at every position but the last, w_DV, the model's extras)."""
+  hidden_BTD, extras = model_aux.forward(model, params, model_state or {}, batch)
   w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
-  return hidden_BTD[:, :-1], w_DV
+  return hidden_BTD[:, :-1], w_DV, extras
+
+
+def policy_hidden(params, batch: dict[str, jax.Array], *, model, model_state=None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Final normed hidden states at every position but the last, and the output projection.
+
+  `model_state`: the model's non-param collections (MoE router biases), if any."""
+  return _policy_forward(params, model_state, batch, model=model)[:2]
 
 
 def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float,
-                    with_entropy: bool = False, impl: str = "auto"):
+                    with_entropy: bool = False, impl: str = "auto", model_state=None):
   """log π(target) at every position: logp_B(T-1) under logits / temperature.
 
   With `with_entropy`, also the entropy of π at every position (the `entropy`
   metric; gradient stopped): returns (logp, entropy). `impl` picks the
   log-prob kernel (r1jax.kernels.IMPLS).
   """
-  hidden_BTD, w_DV = policy_hidden(params, batch, model=model)
+  hidden_BTD, w_DV = policy_hidden(params, batch, model=model, model_state=model_state)
   terms = token_logprobs_and_clip(hidden_BTD, w_DV, batch["tokens"][:, 1:],
                                   temperature=temperature, with_entropy=with_entropy, impl=impl)
   if not with_entropy:
@@ -110,27 +120,37 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
 
   The loss goes from the final hidden states to the per-token terms through the
   `impl` kernel (r1jax.kernels): with `chunked`/`pallas` the logits are never
-  materialised.
+  materialised. An MoE model adds its balance loss to the objective (`loss`
+  stays the GRPO loss) and moves its router biases after the update (model_aux).
   """
 
   def loss_fn(params):
-    hidden_BTD, w_DV = policy_hidden(params, batch, model=model)
-    return loss.apply({}, hidden_BTD, w_DV, batch["tokens"][:, 1:], batch["old_logp"],
-                      batch.get("ref_logp"), batch["advantages"], batch["mask"],
-                      batch["truncated"], temperature=temperature, impl=impl,
-                      method=GRPOLoss.from_hidden)
+    hidden_BTD, w_DV, extras = _policy_forward(params, state.model_state, batch, model=model)
+    value, metrics = loss.apply({}, hidden_BTD, w_DV, batch["tokens"][:, 1:], batch["old_logp"],
+                                batch.get("ref_logp"), batch["advantages"], batch["mask"],
+                                batch["truncated"], temperature=temperature, impl=impl,
+                                method=GRPOLoss.from_hidden)
+    aux, aux_metrics = model_aux.auxiliary_loss(model, extras)
+    objective = value if aux is None else value + aux
+    return objective, (value, metrics, extras, aux_metrics)
 
-  (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, guard = apply_gradients(state, grads, value, tx)
-  metrics = dict(metrics, loss=value, **guard)
+  (objective, (value, metrics, extras, aux_metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state, guard = apply_gradients(
+      state, grads, objective, tx,
+      model_state=model_aux.update_model_state(model, state.model_state, extras))
+  metrics = dict(metrics, loss=value, **guard, **aux_metrics,
+                 **model_aux.metrics(new_state.model_state, extras))
   return new_state, metrics
 
 
 @functools.partial(jax.jit, static_argnames=("model", "temperature", "impl"))
 def reference_logprobs(ref_params, batch: dict[str, jax.Array], *, model,
-                       temperature: float, impl: str = "auto") -> jax.Array:
+                       temperature: float, impl: str = "auto", ref_model_state=None
+                       ) -> jax.Array:
   """log π_ref of the batch's targets: the only reference forward (beta > 0 only)."""
-  return policy_logprobs(ref_params, batch, model=model, temperature=temperature, impl=impl)
+  return policy_logprobs(ref_params, batch, model=model, temperature=temperature, impl=impl,
+                         model_state=ref_model_state)
 
 
 def minibatches(batch: dict[str, np.ndarray], num_minibatches: int, group_size: int
@@ -213,8 +233,11 @@ def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int, task: lis
   return [task[i] for i in picks]
 
 
-def _ckpt_tree(state: TrainState, ref_params: Any) -> dict:
-  return {"state": state} if ref_params is None else {"state": state, "ref": ref_params}
+def _ckpt_tree(state: TrainState, ref_params: Any, ref_model_state: Any = None) -> dict:
+  tree = {"state": state} if ref_params is None else {"state": state, "ref": ref_params}
+  if ref_params is not None and ref_model_state:  # the reference's router biases (MoE)
+    tree["ref_model_state"] = ref_model_state
+  return tree
 
 
 def updates_per_step(gc: ml_collections.ConfigDict) -> int:
@@ -224,13 +247,20 @@ def updates_per_step(gc: ml_collections.ConfigDict) -> int:
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, mesh: Mesh,
           tx: optax.GradientTransformation, init_params: Any, rules=DEFAULT_RULES,
-          evaluate_fn=None, rewards: dict | None = None) -> TrainState:
+          evaluate_fn=None, rewards: dict | None = None,
+          init_model_state: Any = None, model_rewards: dict | None = None) -> TrainState:
   """Runs `config.grpo.num_steps` GRPO steps from `init_params`, resuming from
   WORKDIR/checkpoints. Writes metrics.jsonl, samples.jsonl and reward_curve.png.
 
-  `evaluate_fn(params) -> dict of floats`, when given, runs every
+  `init_model_state` goes with `init_params` for a model that has one (the
+  MoE router biases of the base).
+  `evaluate_fn(params, model_state) -> dict of floats`, when given, runs every
   `config.grpo.eval_every` steps; its figures are logged as `eval/<name>`.
   `rewards` ({name: (fn, weight)}) replaces the config's reward functions.
+  `model_rewards` ({name: (score(prompts, completions) -> [N] floats, weight)})
+  are model-based rewards (a trained reward model) scored in this process on
+  the trainer's devices, added to the rule rewards; a scorer that raises
+  scores 0 for the step and is counted in `rewards/<name>/errors`.
   A reward that raises or times out scores 0 and is counted in
   `rewards/<name>/errors` and `rewards/<name>/timeouts`; training goes on.
   `config.grpo.train_file` (jsonl) replaces the tiny-world problems (`load_task`).
@@ -250,17 +280,20 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   num_mb = gc.get("num_minibatches", 1)
   mu_total = updates_per_step(gc)
   num_updates = gc.num_steps * mu_total
-  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules)
+  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules,
+                                        init_model_state=init_model_state)
   # The reference policy: the initial params, refreshed every ref_refresh_every
   # steps. Not held at all when beta == 0 (no KL term, no reference forward).
   use_ref = gc.beta > 0
   ref_params = jax.tree.map(jnp.copy, init_params) if use_ref else None
+  ref_model_state = jax.tree.map(jnp.copy, state.model_state) if use_ref else None
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = 0
   if ckpt.latest_step() is not None:
-    tree, meta = ckpt.restore(abstract_like(_ckpt_tree(state, ref_params)))
+    tree, meta = ckpt.restore(abstract_like(_ckpt_tree(state, ref_params, ref_model_state)))
     state, ref_params = tree["state"], tree.get("ref")
+    ref_model_state = tree.get("ref_model_state", ref_model_state)
     start = int(meta["grpo_step"])
     if int(state.step) != start * mu_total:
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
@@ -286,11 +319,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
     stop = StopOnSignal()
     bar = tqdm(range(start, gc.num_steps), initial=start, total=gc.num_steps,
                desc=config.get("name", "grpo"), dynamic_ncols=True,
-               disable=not tc.get("progress_bar", True) or start >= gc.num_steps)
+               disable=not tc.get("progress_bar", True) or start >= gc.num_steps
+               or not writer.enabled)
     try:
       for step in bar:
         if use_ref and gc.ref_refresh_every and step > 0 and step % gc.ref_refresh_every == 0:
           ref_params = jax.tree.map(jnp.copy, state.params)
+          ref_model_state = jax.tree.map(jnp.copy, state.model_state)
         # Keys are folded by step, so a resumed run samples what it would have.
         sample_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
 
@@ -300,14 +335,29 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         texts = [r1_zero_prompt(p.question) for p in problems]
         prompts = [ids for _, ids in drawn] if task else [tokenizer.encode(t) for t in texts]
         t0 = time.perf_counter()
-        out = jax.device_get(sample(model, state.params, prompts, sample_key, sc,
-                                    eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+        # The sampler runs on the trainer's sharded params; every host gets every
+        # completion back, scores its share and all-gathers the rewards.
+        out = distributed.fetch(sample(model, state.params, prompts, sample_key, sc,
+                                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                       model_state=state.model_state))
         t_sample = time.perf_counter() - t0
         lengths = np.asarray(out.lengths)
         completions = [tokenizer.decode(t[:n].tolist()) for t, n in zip(out.tokens, lengths)]
-        total_N, _, reward_stats = rewards.score(
-            [t for t in texts for _ in range(G)], completions,
+        total_N, per_fn, reward_stats = distributed.score_on_hosts(
+            rewards, [t for t in texts for _ in range(G)], completions,
             [p.answer for p in problems for _ in range(G)])
+        for name, (score_fn, weight) in (model_rewards or {}).items():
+          try:
+            values = np.asarray(score_fn([t for t in texts for _ in range(G)], completions),
+                                np.float32)
+            errors = 0
+          except Exception:  # pylint: disable=broad-except  (a reward never stops training)
+            logging.exception("GRPO step %d: model reward %s failed; it scores 0", step + 1, name)
+            values, errors = np.zeros(len(completions), np.float32), len(completions)
+          total_N = total_N + np.float32(weight) * values
+          reward_stats.update({f"rewards/{name}/mean": float(values.mean()),
+                               f"rewards/{name}/errors": errors,
+                               f"rewards/{name}/timeouts": 0})
         rewards_BG = total_N.reshape(len(problems), G)
         advantages = np.asarray(group_advantages(jnp.asarray(rewards_BG),
                                                  scale_by_std=gc.scale_rewards)).reshape(-1)
@@ -319,11 +369,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         # mu > 1 or several mini-batches the later updates are off-policy and
         # the ratio moves away from 1 where clipping acts.
         t0 = time.perf_counter()
-        parts = [jax.device_put(mb, batch_sharding(mesh)) for mb in minibatches(host, num_mb, G)]
+        parts = [distributed.shard_batch(mb, batch_sharding(mesh))  # each host feeds its rows
+                 for mb in minibatches(host, num_mb, G)]
         if use_ref:
           for mb in parts:
             mb["ref_logp"] = reference_logprobs(ref_params, mb, model=model,
-                                                temperature=gc.temperature, impl=impl)
+                                                temperature=gc.temperature, impl=impl,
+                                                ref_model_state=ref_model_state)
         step_metrics = []
         for _ in range(mu):
           for mb in parts:
@@ -357,6 +409,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
             **reward_stats,
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float(host["truncated"].mean()),
+            # Self-evolution (issue 11): length percentiles, reflections, per-level figures.
+            **step_dynamics(completions, lengths,
+                            levels=[getattr(p, "level", 0) for p in problems for _ in range(G)],
+                            correct=per_fn.get("accuracy"),
+                            markers=gc.get("reflection_markers") or None),
             "sampling_tokens_per_sec": float(lengths.sum()) / max(t_sample, 1e-9),
             "train_tokens_per_sec": float(host["segment_ids"].sum()) * mu / max(t_train, 1e-9),
             "learning_rate": float(lr_at(done * mu_total - 1)),
@@ -365,17 +422,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         })
         eval_every = gc.get("eval_every", 0)
         if evaluate_fn is not None and eval_every and done % eval_every == 0 and done < gc.num_steps:
-          m.update({f"eval/{k}": float(v) for k, v in evaluate_fn(state.params).items()})
+          m.update({f"eval/{k}": float(v)
+                    for k, v in evaluate_fn(state.params, state.model_state).items()})
         if done % tc.log_every == 0 or done == gc.num_steps:
           writer.write(done, m)
         bar.set_postfix(reward=f"{m['reward']:.3f}", len=f"{m['completions/mean_length']:.0f}")
-        if gc.log_samples_every and (done % gc.log_samples_every == 0 or done == 1):
+        if writer.enabled and gc.log_samples_every and (done % gc.log_samples_every == 0
+                                                        or done == 1):
           with open(samples_path, "a") as f:
             for i in range(min(gc.num_samples_logged, len(completions))):
               f.write(json.dumps(dict(step=done, prompt=problems[i // G].question,
                                       gold=problems[i // G].answer, completion=completions[i],
                                       reward=float(total_N[i]))) + "\n")
-        ckpt.save(done, _ckpt_tree(state, ref_params), {"grpo_step": done},
+        ckpt.save(done, _ckpt_tree(state, ref_params, ref_model_state), {"grpo_step": done},
                   force=stop.requested or done == gc.num_steps)
         if stop.requested:
           bar.write(f"stop signal received: saved step {done}, exiting")
@@ -385,8 +444,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
       rewards.close()
       ckpt.close()
       writer.close()
-  plot_curves(writer.path, ["reward", "rewards/accuracy/mean", "completions/mean_length"],
-              os.path.join(workdir, "reward_curve.png"), title=config.get("name", ""))
+  if writer.enabled:
+    plot_curves(writer.path, ["reward", "rewards/accuracy/mean", "completions/mean_length",
+                              "reflection/rate"],
+                os.path.join(workdir, "reward_curve.png"), title=config.get("name", ""))
   if stop.requested:
     raise SystemExit(143)
   return state

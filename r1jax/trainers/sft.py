@@ -24,7 +24,9 @@ from r1jax.checkpoint.manager import Checkpointer, abstract_like
 from r1jax.kernels import impl_from_config
 from r1jax.losses.sft import hidden_cross_entropy
 from r1jax.models.transformer import output_weights_DV
+from r1jax.parallel.distributed import shard_batch
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
+from r1jax.trainers import model_aux
 from r1jax.trainers.metrics import MetricsWriter, plot_curves
 from r1jax.trainers.optim import learning_rate_schedule
 from r1jax.trainers.state import TrainState, apply_gradients, create_train_state
@@ -44,19 +46,27 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   """One optimizer step on masked next-token loss; skips non-finite updates.
 
   `impl` picks the log-prob kernel (r1jax.kernels.IMPLS) that takes the final
-  hidden states to the loss.
+  hidden states to the loss. An MoE model adds its balance and MTP losses to
+  the objective (`loss` stays the next-token loss) and, after the optimizer
+  step, moves its router biases towards balance (model_aux).
   """
 
   def loss_fn(params):
-    hidden_BTD, _ = model.apply({"params": params}, batch["tokens"], batch["positions"],
-                                batch["segment_ids"], return_hidden=True)
+    hidden_BTD, extras = model_aux.forward(model, params, state.model_state, batch, mtp=True)
     w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
-    return hidden_cross_entropy(hidden_BTD, w_DV, batch["targets"], batch["loss_weights"],
-                                impl=impl)
+    loss, num_tokens = hidden_cross_entropy(hidden_BTD, w_DV, batch["targets"],
+                                            batch["loss_weights"], impl=impl)
+    aux, aux_metrics = model_aux.auxiliary_loss(model, extras, w_DV=w_DV, batch=batch, impl=impl)
+    objective = loss if aux is None else loss + aux
+    return objective, (loss, num_tokens, extras, aux_metrics)
 
-  (loss, num_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  new_state, guard = apply_gradients(state, grads, loss, tx)
-  metrics = dict(loss=loss, num_tokens=num_tokens, **guard)
+  (objective, (loss, num_tokens, extras, aux_metrics)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  new_state, guard = apply_gradients(
+      state, grads, objective, tx,
+      model_state=model_aux.update_model_state(model, state.model_state, extras))
+  metrics = dict(loss=loss, num_tokens=num_tokens, **guard, **aux_metrics,
+                 **model_aux.metrics(new_state.model_state, extras))
   return new_state, metrics
 
 
@@ -72,13 +82,15 @@ def jit_train_step(step_fn: Callable, state_shardings, mesh: Mesh):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, mesh: Mesh,
           tx: optax.GradientTransformation, init_params: Any = None,
-          rules=DEFAULT_RULES) -> TrainState:
+          rules=DEFAULT_RULES, init_model_state: Any = None) -> TrainState:
   """Runs `config.train.num_steps` steps, resuming from WORKDIR/checkpoints.
 
   `dataset.batch(i)` must be a pure function of i (the data position is the step).
+  `init_model_state` goes with `init_params` for a model that has one (MoE).
   """
   tc = config.train
-  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules)
+  state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules,
+                                        init_model_state=init_model_state)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   if ckpt.latest_step() is not None:
@@ -94,13 +106,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
     stop = StopOnSignal()
     bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
                desc=config.get("name", "train"), dynamic_ncols=True,
-               disable=not tc.get("progress_bar", True) or start >= tc.num_steps)
+               disable=not tc.get("progress_bar", True) or start >= tc.num_steps
+               or not writer.enabled)
     lr_at = learning_rate_schedule(config.optim, tc.num_steps)
     window_tokens, window_start = 0.0, time.perf_counter()
     for step in bar:
       host_batch = dataset.batch(step)
       window_tokens += float(host_batch["loss_weights"].sum())
-      batch = jax.device_put(host_batch, batch_sharding(mesh))
+      batch = shard_batch(host_batch, batch_sharding(mesh))  # each host feeds its own rows
       state, metrics = jitted(state, batch)
       done = step + 1
       if done % tc.log_every == 0 or done == tc.num_steps:
@@ -121,8 +134,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
     stop.restore()
     ckpt.close()
     writer.close()
-  plot_curves(writer.path, ["loss", "grad_norm"], os.path.join(workdir, "loss_curve.png"),
-              title=config.get("name", ""))
+  if writer.enabled:
+    plot_curves(writer.path, ["loss", "grad_norm"], os.path.join(workdir, "loss_curve.png"),
+                title=config.get("name", ""))
   if stop.requested:
     raise SystemExit(143)
   return state
