@@ -10,6 +10,7 @@ import difflib
 import json
 import os
 import sys
+from typing import Any, Callable
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -19,6 +20,13 @@ from r1jax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file, e.g. configs/pretrain.py:tiny.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, results.")
+# Multi-host without a managed cluster (TPU pods, SLURM and Open MPI jobs are
+# detected): one process per host, each started with its id. The JAX_COORDINATOR_ADDRESS /
+# JAX_NUM_PROCESSES / JAX_PROCESS_ID environment variables do the same.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, for a multi-process run.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id in [0, num_processes).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,7 +38,11 @@ def _stage_runner(name: str):
   if name == "r1_zero":
     from r1jax.stages import r1_zero
     return r1_zero.run
-  raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain', 'r1_zero')")
+  if name == "r1":
+    from r1jax.stages import r1
+    return r1.run
+  raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain', 'r1_zero', "
+                  "'r1')")
 
 
 def load_config(spec: str):
@@ -55,30 +67,51 @@ def prepare_workdir(path: str) -> str:
   return path
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  try:
-    config = _CONFIG.value
-    stage = config.stage
-  except OSError as e:  # ml_collections defers config-file load errors to here
-    print(f"r1jax: error: {' '.join(str(e).split())}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    workdir = prepare_workdir(_WORKDIR.value)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
-    results = _stage_runner(stage)(config, workdir)
-  except UserError as e:
-    print(f"r1jax: error: {e}", file=sys.stderr, flush=True)
-    # A failed orbax restore leaves tensorstore reads in flight whose callbacks
-    # print "Event loop is closed" tracebacks as they land: the error is said.
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    sys.exit(2)
-  logging.info("results: %s", json.dumps(results, sort_keys=True))
-  print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)}, sort_keys=True))
+def cli_main(runner: Callable[[Any, str], dict], *, save_config: bool = True):
+  """An absl `main`: --config and --workdir -> `runner(config, workdir)` -> its
+  results as one JSON line; bad input (a UserError) is one line and exit code 2.
+
+  `save_config` writes the config to WORKDIR/config.json first (stages do; the
+  evaluation CLI writes its own beside its outputs instead).
+  """
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    try:  # before anything starts a JAX backend
+      from r1jax.parallel import distributed
+      distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except UserError as e:
+      print(f"r1jax: error: {e}", file=sys.stderr)
+      sys.exit(2)
+    try:
+      config = _CONFIG.value
+      config.get("name")  # the first access loads the file
+    except OSError as e:  # ml_collections defers config-file load errors to here
+      print(f"r1jax: error: {' '.join(str(e).split())}", file=sys.stderr)
+      sys.exit(2)
+    try:
+      workdir = prepare_workdir(_WORKDIR.value)
+      main_process = distributed.is_main_process()  # files and stdout: process 0 only
+      if save_config and main_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+          f.write(config.to_json_best_effort(indent=2))
+      results = runner(config, workdir)
+    except UserError as e:
+      print(f"r1jax: error: {e}", file=sys.stderr, flush=True)
+      # A failed orbax restore leaves tensorstore reads in flight whose callbacks
+      # print "Event loop is closed" tracebacks as they land: the error is said.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+      sys.exit(2)
+    logging.info("results: %s", json.dumps(results, sort_keys=True))
+    if main_process:
+      print(json.dumps({k: v for k, v in results.items() if not isinstance(v, dict)},
+                     sort_keys=True))
+  return main
+
+
+main = cli_main(lambda config, workdir: _stage_runner(config.stage)(config, workdir))
 
 
 def _config_key_hint(argv: list[str], flag: str) -> str:
@@ -127,8 +160,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def run():
-  app.run(main, flags_parser=_parse_flags)
+def run(main_fn=None):
+  """Runs `main_fn` (default: the stage runner's main) as an absl app."""
+  app.run(main_fn or main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

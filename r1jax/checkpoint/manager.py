@@ -75,3 +75,54 @@ def abstract_like(tree: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
       tree)
+
+
+def restore_model(directory: str, abstract_params: Any, abstract_model_state: Any = None,
+                  step: Optional[int] = None) -> tuple[Any, Any, int]:
+  """Only the model of a checkpoint: the params and (when `abstract_model_state` is
+  given: MoE router biases) the model state of a pretrain/SFT `state` or a GRPO
+  `state.state`, into the shapes/shardings of the abstract trees; the optimizer
+  state is never read. Returns (params, model_state or {}, step)."""
+  directory = os.path.abspath(directory)
+  manager = ocp.CheckpointManager(
+      directory, item_names=("state", "meta"),
+      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+  wanted = {"params": abstract_params}
+  if abstract_model_state:
+    wanted["model_state"] = abstract_model_state
+  try:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no complete checkpoint in {directory}")
+    where = os.path.join(directory, str(step))
+    try:
+      tree = manager.item_metadata(step)["state"].tree
+    except Exception as e:  # pylint: disable=broad-except  (orbax raises many types)
+      raise CheckpointError(f"checkpoint {where} is corrupt or unreadable "
+                            f"({type(e).__name__}: {str(e)[:300]})") from e
+    prefix = () if "params" in tree else ("state",)
+    saved = tree
+    for key in prefix:
+      saved = saved.get(key, {}) if hasattr(saved, "get") else {}
+    shape = lambda x: tuple(x.shape)
+    for name, abstract in wanted.items():
+      if not hasattr(saved, "keys") or name not in saved:
+        raise CheckpointError(f"checkpoint {where} has no {name} (state keys: {sorted(tree)})")
+      if (jax.tree.structure(jax.tree.map(shape, saved[name])) !=
+          jax.tree.structure(jax.tree.map(shape, abstract)) or
+          jax.tree.leaves(jax.tree.map(shape, saved[name])) !=
+          jax.tree.leaves(jax.tree.map(shape, abstract))):
+        raise CheckpointError(f"checkpoint {where} holds {name} of another model shape than "
+                              "the config asks for")
+    item = wanted
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype), wanted)
+    for key in reversed(prefix):
+      item, restore_args = {key: item}, {key: restore_args}
+    restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        item=item, restore_args=restore_args, partial_restore=True)))["state"]
+  finally:
+    manager.close()
+  for key in prefix:
+    restored = restored[key]
+  return restored["params"], restored.get("model_state", {}), step
