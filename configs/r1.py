@@ -1,0 +1,92 @@
+"""DeepSeek-R1's four stages in the tiny world, from an R1-Zero run:
+cold start -> reasoning RL -> rejection-sampling SFT -> all-scenario RL.
+
+  python -m r1jax.main --config=configs/r1.py:tiny --workdir=/tmp/r1 \
+      [--config.r1_zero_workdir=/tmp/r1zero] [--config.stages=cold_start,reasoning_rl]
+
+Without `r1_zero_workdir` the R1-Zero run (and its base) goes into
+WORKDIR/r1_zero first (configs/r1_zero.py of the same preset: every section
+of that config is here too and means the same). `smoke` shrinks everything
+to seconds (used by the tests). See r1jax/stages/r1.py for what each stage
+writes.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+PRESETS = ("tiny", "smoke")
+STAGES = "cold_start,reasoning_rl,rejection_sft,all_scenario_rl"
+
+
+def _r1_zero_config(arg: str) -> ml_collections.ConfigDict:
+  # configs/ is not a package: load the sibling file by path.
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r1_zero.py")
+  spec = importlib.util.spec_from_file_location("r1jax_config_r1_zero", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _sft(smoke: bool, steps: int, lr: float) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      num_steps=3 if smoke else steps,  # optimizer steps
+      batch_size=4 if smoke else 16,  # packed rows per step
+      seq_len=256,  # tokens per packed row (prompt + completion ~150)
+      optim=dict(learning_rate=lr, warmup_steps=1 if smoke else 10)))
+
+
+def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
+  if arg not in PRESETS:
+    raise ValueError(f"configs/r1.py knows presets {PRESETS}, not {arg!r}")
+  smoke = arg == "smoke"
+  c = _r1_zero_config(arg)  # model, base, eval, GRPO, optimizer: as R1-Zero's
+  c.name = f"r1-{arg}"
+  c.stage = "r1"
+  c.r1_zero_workdir = ""  # a finished configs/r1_zero.py run; "" = run it into WORKDIR/r1_zero
+  c.stages = STAGES  # comma-separated, in order; a finished stage (results.json) is reused
+
+  # Stage 1: R1-Zero samples on train problems, kept when correct and rewritable
+  # in the question's language (tiny_world_r1.readable), SFT of the base on them.
+  c.cold_start = ml_collections.ConfigDict()
+  c.cold_start.num_problems = 4 if smoke else 512  # train problems sampled
+  c.cold_start.num_samples = 2 if smoke else 4  # R1-Zero samples per problem
+  c.cold_start.temperature = 1.0
+  c.cold_start.max_per_problem = 2  # readable examples kept per problem
+  c.cold_start.max_examples = 8 if smoke else 2000  # "a few thousand" in the paper
+  # Fewer usable samples than this: reference solutions fill up (counted in
+  # data/stats.json). Only the smoke preset's untrained policy needs it.
+  c.cold_start.min_examples = 4 if smoke else 0
+  c.cold_start.sft = _sft(smoke, 150, 1e-3)
+
+  # Stage 2: R1-Zero's GRPO (c.grpo) from the cold start, plus language consistency.
+  c.reasoning_rl = ml_collections.ConfigDict()
+  c.reasoning_rl.num_steps = c.grpo.num_steps  # same RL budget as R1-Zero: comparable
+  c.reasoning_rl.language_weight = 0.5  # reward += weight * share of CoT words in the question's language
+
+  # Stage 3: samples of stage 2, filtered (r1jax/data/rejection.py), plus
+  # non-reasoning data (translation), SFT of the *base* on the mix.
+  c.rejection = ml_collections.ConfigDict()
+  c.rejection.num_problems = 4 if smoke else 768
+  c.rejection.num_samples = 2 if smoke else 4
+  c.rejection.temperature = 1.0
+  c.rejection.filters = dict(require_correct=True, min_language_consistency=0.95,
+                             max_paragraph_words=200, drop_code_blocks=True, dedupe=True,
+                             max_per_prompt=4)
+  c.rejection.non_reasoning_fraction = 0.25  # non-reasoning examples per kept reasoning example
+  c.rejection.min_examples = 4 if smoke else 0  # as cold_start.min_examples
+  c.rejection.sft = _sft(smoke, 200, 1e-3)
+
+  # Stage 4: a helpfulness reward model (Bradley-Terry on summary pairs), then
+  # GRPO with rule rewards + its score of each completion's summary.
+  c.all_scenario = ml_collections.ConfigDict()
+  c.all_scenario.num_pairs = 16 if smoke else 512  # training preference pairs
+  c.all_scenario.num_heldout_pairs = 8 if smoke else 200
+  c.all_scenario.rm_steps = 3 if smoke else 60
+  c.all_scenario.rm = dict(batch_size=4 if smoke else 16, max_length=160, margin=0.0)
+  c.all_scenario.rm_optim = dict(learning_rate=1e-3, warmup_steps=1 if smoke else 5,
+                                 weight_decay=0.0)
+  c.all_scenario.num_steps = 3 if smoke else 20  # GRPO steps
+  c.all_scenario.helpfulness_weight = 0.5  # reward += weight * reward-model score
+  return c
