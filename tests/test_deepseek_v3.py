@@ -234,6 +234,8 @@ def test_mla_cache_holds_latent_and_rope_key_and_decode_equals_forward():
         out[i].append(np.asarray(logits)[i, 0])
   assert cache.layers[0].kv_latent.shape == (3, P + L, c.kv_lora_rank)
   full, _ = forward_with_stats(model, variables, jnp.asarray(TOKENS))
+  print("max |cached - full| =", max(np.abs(np.stack(o) - np.asarray(full)[i]).max()
+                                     for i, o in enumerate(out)))
   for i in range(3):
     np.testing.assert_allclose(np.stack(out[i]), np.asarray(full)[i], atol=1e-4, rtol=0,
                                err_msg=f"sequence {i}")
@@ -346,7 +348,8 @@ def test_tiny_preset_has_the_v3_structure():
 # ---------------------------------------------------------------------------
 
 def test_mtp_targets_stay_inside_documents():
-  from r1jax.trainers.model_aux import mtp_targets
+  from r1jax.trainers import model_aux
+  mtp_targets = jax.jit(model_aux.mtp_targets, static_argnums=2)
   targets = np.array([[10, 11, 12, 13, 20, 21, 0, 0]])
   weights = np.array([[1, 1, 1, 0, 1, 0, 0, 0]], np.float32)  # doc a: 0..3, doc b: 4..5
   t1, w1 = mtp_targets(jnp.asarray(targets), jnp.asarray(weights), 1)
@@ -358,23 +361,44 @@ def test_mtp_targets_stay_inside_documents():
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _mtp_hidden(model, variables, tokens_BT):
-  _, out = model.apply(variables, tokens_BT, mutable=["mtp"])
-  return out["mtp"]["hidden_1"][0]
+def _mtp_loss_grads(model, variables, batch):
+  """Gradients of the train steps' auxiliary loss (MTP cross-entropy + balance),
+  its metrics and the MTP hidden states."""
+  from r1jax.models.transformer import output_weights_DV
+  from r1jax.trainers import model_aux
+
+  def loss(params):
+    _, extras = model_aux.forward(model, params, {moe.STATE: variables[moe.STATE]}, batch,
+                                  mtp=True)
+    aux, metrics = model_aux.auxiliary_loss(model, extras, batch=batch, impl="reference",
+                                            w_DV=output_weights_DV(model.config, params))
+    return aux, (metrics, extras["mtp"]["hidden_1"][0])
+
+  return jax.grad(loss, has_aux=True)(variables["params"])
 
 
-def test_mtp_module_sees_the_next_token_and_no_further():
+def test_mtp_loss_sees_the_next_token_and_trains_module_and_trunk():
   """MTP depth 1 at position i combines the main model's state at i with the
-  embedding of token i+1: changing token i+1 changes it, token i+2 does not."""
+  embedding of token i+1: changing token i+1 changes it, token i+2 does not.
+  Its loss (targets two ahead) reaches the MTP module and the main layers."""
   model = DeepseekV3(SMALL.replace(num_hidden_layers=1, num_nextn_predict_layers=1))
   variables = random_variables(model, seed=2, bias_scale=0.1)
-  tokens = TOKENS[:, :16]
-  base = np.asarray(_mtp_hidden(model, variables, jnp.asarray(tokens)))
+  tokens = TOKENS[:, :17]
+
+  def batch(tokens):
+    return dict(tokens=tokens[:, :-1], targets=tokens[:, 1:], positions=np.tile(np.arange(16), (3, 1)),
+                segment_ids=np.ones((3, 16), np.int32), loss_weights=np.ones((3, 16), np.float32))
+
+  grads, (metrics, base) = _mtp_loss_grads(model, variables, batch(tokens))
   changed = tokens.copy()
   changed[:, 9] = (changed[:, 9] + 1) % SMALL.vocab_size
-  moved = np.asarray(_mtp_hidden(model, variables, jnp.asarray(changed)))
-  np.testing.assert_allclose(moved[:, :8], base[:, :8], atol=1e-6, rtol=0)
-  assert np.abs(moved[:, 8] - base[:, 8]).min() > 1e-4  # position 8 reads token 9
+  _, (_, moved) = _mtp_loss_grads(model, variables, batch(changed))
+  np.testing.assert_allclose(np.asarray(moved)[:, :8], np.asarray(base)[:, :8], atol=1e-6, rtol=0)
+  assert np.abs(np.asarray(moved)[:, 8] - np.asarray(base)[:, 8]).min() > 1e-4  # reads token 9
+  assert 0 < float(metrics["mtp_loss"]) < 10
+  largest = lambda tree: max(float(np.abs(np.asarray(x)).max()) for x in jax.tree.leaves(tree))
+  assert largest(grads["mtp_0"]["eh_proj"]) > 0 and largest(grads["mtp_0"]["block"]) > 0
+  assert largest(grads["layers_0"]) > 0  # the trunk learns from the MTP loss too
   # Without the "mtp" collection the MTP block does not run: its router reports nothing.
   assert "mtp_0" in variables["params"]
   _, stats = jax.eval_shape(lambda: model.apply(variables, jnp.asarray(tokens),

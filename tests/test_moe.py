@@ -259,18 +259,17 @@ def test_capacity_drops_are_counted_and_excluded():
 # ---------------------------------------------------------------------------
 
 def test_train_steps_update_the_bias_and_report_moe_metrics(tmp_path):
-  """One SFT step of a 1-layer MoE model with an MTP module (an MoE block too):
-  every router bias moves by exactly ±gamma (or 0) from its layer's load,
-  outside the optimizer; MTP params are trained; per-layer metrics are
-  reported. The GRPO step is traced (eval_shape): same state update and
-  metrics. The checkpoint carries the biases."""
+  """One SFT step of a 1-layer MoE model: the router bias moves by exactly
+  ±gamma (or 0) per expert from the layer's load, outside the optimizer;
+  per-layer metrics are reported. The GRPO step is traced (eval_shape): same
+  state update and metrics. The checkpoint carries the biases. (The MTP loss
+  and its gradients: tests/test_deepseek_v3.py.)"""
   from r1jax.checkpoint.manager import Checkpointer, abstract_like
   from r1jax.losses.grpo import GRPOLoss
   from r1jax.trainers import grpo, sft
   from r1jax.trainers.state import TrainState
 
-  c = CONFIG.replace(num_hidden_layers=1, first_k_dense_replace=0, num_nextn_predict_layers=1,
-                     bias_update_rate=0.01)
+  c = CONFIG.replace(num_hidden_layers=1, first_k_dense_replace=0, bias_update_rate=0.01)
   model = DeepseekV3(c)
   tx = optax.adam(1e-2)
   # The train state of random host-filled variables (compiling `init` costs seconds).
@@ -278,11 +277,12 @@ def test_train_steps_update_the_bias_and_report_moe_metrics(tmp_path):
   rng = np.random.default_rng(8)
   params = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.1, x.shape), x.dtype),
                         nn.unbox(shapes["params"]))
-  model_state = {moe.STATE: jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype),
+  model_state = {moe.STATE: jax.tree.map(lambda x: jnp.asarray(np.zeros(x.shape, x.dtype)),
                                          shapes[moe.STATE])}
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+  # Host-side arithmetic below: eager jnp ops would compile once per leaf shape.
+  state = TrainState(step=jnp.asarray(0), params=params, opt_state=jax.jit(tx.init)(params),
                      rng=jax.random.key_data(jax.random.key(0)),
-                     nonfinite_run=jnp.zeros((), jnp.int32), model_state=model_state)
+                     nonfinite_run=jnp.asarray(0), model_state=model_state)
   tokens = rng.integers(1, c.vocab_size, (2, 17)).astype(np.int32)
   batch = dict(tokens=tokens[:, :-1], targets=tokens[:, 1:],
                positions=np.tile(np.arange(16), (2, 1)), segment_ids=np.ones((2, 16), np.int32),
@@ -291,9 +291,9 @@ def test_train_steps_update_the_bias_and_report_moe_metrics(tmp_path):
   new, m = jax.jit(functools.partial(sft.train_step, model=model, tx=tx, impl="reference"))(
       state, batch)
 
-  routers = {"layers_0": ("layers_0", "mlp"), "mtp_0/block": ("mtp_0", "block", "mlp")}
-  assert {"moe/load_max_over_mean", "moe/dropped_frac", "moe/balance_loss", "mtp_loss"} <= set(m)
-  assert 0 < float(m["mtp_loss"]) < 10 and float(m["moe/dropped_frac"]) == 0
+  routers = {"layers_0": ("layers_0", "mlp")}
+  assert {"moe/load_max_over_mean", "moe/dropped_frac", "moe/balance_loss"} <= set(m)
+  assert float(m["moe/dropped_frac"]) == 0 and float(m["moe/balance_loss"]) > 0
   bias = lambda st, path: np.asarray(
       functools.reduce(lambda t, k: t[k], path + ("gate", moe.BIAS), st.model_state[moe.STATE]))
   for name, path in routers.items():
@@ -304,11 +304,10 @@ def test_train_steps_update_the_bias_and_report_moe_metrics(tmp_path):
     assert set(steps.tolist()) <= {-1.0, 0.0, 1.0} and (steps != 0).any(), (name, steps)
     np.testing.assert_allclose(m[f"moe/{name}/bias_norm"], np.linalg.norm(bias(new, path)),
                                rtol=1e-5)
-  # The optimizer never sees the bias; MTP's own params are trained.
-  assert jax.tree.structure(new.opt_state) == jax.tree.structure(state.opt_state)
+  # The optimizer never sees the bias; the params all moved.
   assert moe.BIAS not in str(jax.tree.structure(new.opt_state))
-  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
-                       new.params["mtp_0"], state.params["mtp_0"])
+  moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),
+                       new.params, state.params)
   assert min(jax.tree.leaves(moved)) > 0
 
   gbatch = dict(tokens=batch["tokens"], positions=batch["positions"],
@@ -320,7 +319,6 @@ def test_train_steps_update_the_bias_and_report_moe_metrics(tmp_path):
   traced_state, traced_m = jax.eval_shape(step, new, gbatch)
   assert jax.tree.structure(traced_state) == jax.tree.structure(new)
   assert {"moe/layers_0/load_max_over_mean", "moe/layers_0/bias_norm", "loss"} <= set(traced_m)
-  assert "moe/mtp_0/block/load_max_over_mean" not in traced_m  # MTP does not run in RL
 
   ckpt = Checkpointer(str(tmp_path / "ckpt"))
   ckpt.save(1, new, {}, force=True)

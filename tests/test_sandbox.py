@@ -12,6 +12,8 @@ import json
 import os
 import resource
 import socket
+import subprocess
+import sys
 import textwrap
 import time
 
@@ -392,18 +394,35 @@ def _pool_programs(n: int) -> tuple[list[str], list[float]]:
   return programs, want
 
 
+_POOL_SCRIPT = """
+import json, resource, sys
+from tests.test_sandbox import ANSWER_TESTS, LIMITS, _pool_programs
+from r1jax.rewards import code
+n = int(sys.argv[1])
+programs, want = _pool_programs(n)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+v = code.CodeVerifier(LIMITS, workers=4, budget_s=600.0)
+try:
+  got = v.check_many(programs, [ANSWER_TESTS] * n)
+finally:
+  v.close()
+print(json.dumps({"rewards": [r.reward for r in got], "want": want,
+                  "grew_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before,
+                  "children_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
 def _run_pool(n: int):
-  programs, want = _pool_programs(n)
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  v = code.CodeVerifier(LIMITS, workers=4, budget_s=600.0)
-  try:
-    got = v.check_many(programs, [ANSWER_TESTS] * n)
-  finally:
-    v.close()
-  grew_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-  assert [r.reward for r in got] == want
-  assert grew_mb < 200, grew_mb  # bounded by workers x output caps, not by n
-  assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * (LIMITS.memory_bytes >> 10)
+  """In a fresh process: its own and its children's peak memory are this pool's alone
+  (in the test process they would include every earlier test's subprocesses)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, str(n)], capture_output=True,
+                        text=True, cwd=repo, timeout=1200)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out["rewards"] == out["want"]
+  assert out["grew_kb"] / 1024 < 200, out["grew_kb"]  # bounded by workers x output caps, not n
+  assert out["children_kb"] < 2 * (LIMITS.memory_bytes >> 10), out["children_kb"]
 
 
 def test_pool_of_16_programs():
