@@ -199,3 +199,25 @@ def fit_prompts(prompts: Sequence[Sequence[int]], max_tokens: int, policy: str,
     over = sum(len(p) > max_tokens for p in prompts)
     counts["prompts_truncated" if policy == "truncate_left" else "prompts_skipped"] += over
   return out
+
+
+def read_string_rows(path: str, fields: Sequence[str]) -> list[dict]:
+  """JSON-object rows of a jsonl file whose `fields` are strings (blank lines skipped);
+  JsonlError naming file:line and the field on anything else."""
+  rows = []
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      if not raw.strip():
+        continue
+      where = f"{path}:{lineno}"
+      try:
+        row = json.loads(_decode(raw, where))
+      except json.JSONDecodeError as e:
+        raise JsonlError(f"{where}: invalid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise JsonlError(f"{where}: expected a JSON object")
+      for field in fields:
+        if not isinstance(row.get(field), str):
+          raise JsonlError(f"{where}: field {field!r} missing or not a string")
+      rows.append(row)
+  return rows

@@ -28,7 +28,7 @@ import json
 import os
 from typing import Iterable, Optional, Sequence
 
-from r1jax.data import tinyworld
+from r1jax.data import jsonl, tinyworld
 from r1jax.rewards.language import chain_of_thought, infer_language
 
 REASONS = ("incorrect", "mixed_language", "long_paragraph", "code_block", "duplicate", "over_cap")
@@ -145,17 +145,4 @@ def write_dataset(directory: str, examples: Sequence[Candidate], stats: dict, *,
 
 def read_dataset(path: str) -> list[dict]:
   """The rows of a `write_dataset` jsonl; ValueError naming file:line and field."""
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      for field in ("prompt", "completion"):
-        if not isinstance(row.get(field), str):
-          raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a string")
-      rows.append(row)
-  return rows
+  return jsonl.read_string_rows(path, ("prompt", "completion"))

@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
+from r1jax.data.jsonl import read_string_rows
 from r1jax.losses.reward_model import BradleyTerryLoss
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.trainers.metrics import MetricsWriter, plot_curves
@@ -43,21 +44,8 @@ class Pair:
 
 def load_pairs(path: str) -> list[Pair]:
   """Preference pairs of a jsonl file; ValueError naming file:line and field."""
-  pairs = []
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise ValueError(f"{path}:{lineno}: expected a JSON object")
-      for field in ("prompt", "chosen", "rejected"):
-        if not isinstance(row.get(field), str):
-          raise ValueError(f"{path}:{lineno}: field {field!r} missing or not a string")
-      pairs.append(Pair(row["prompt"], row["chosen"], row["rejected"]))
+  pairs = [Pair(r["prompt"], r["chosen"], r["rejected"])
+           for r in read_string_rows(path, ("prompt", "chosen", "rejected"))]
   if not pairs:
     raise ValueError(f"{path}: no preference pairs")
   return pairs
