@@ -69,7 +69,9 @@ def get_config(arg: str = "hf") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   path, question_field, answer_field = BENCHMARKS.get(benchmark, ("", "question", "answer"))
-  c.data.path = os.path.normpath(os.path.join(_SHARED_DATA, path)) if path else ""  # jsonl; "" = tiny world
+  # .jsonl / .array_record path or tfds:<name>[:<split>] (from data_dir); "" = tiny world
+  c.data.path = os.path.normpath(os.path.join(_SHARED_DATA, path)) if path else ""
+  c.data.data_dir = ""  # TFDS data directory for tfds: paths; "" = TFDS's default
   c.data.question_field = question_field
   c.data.answer_field = answer_field  # gold: number, LaTeX, or a solution ending in "#### x"
   c.data.on_bad_line = "raise"  # malformed line: raise (file:line:field) | skip (counted)

@@ -107,7 +107,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # A jsonl task file (question/problem/prompt + answer, or code tests) replaces
   # the tiny-world problems; "" = tiny world. See r1jax/data/jsonl.py. Code
   # tasks run every test in the sandbox: give reward_timeout_s room for them.
+  # Task: "" = tiny-world problems; a .jsonl / .array_record path or tfds:<name>[:<split>]
+  # (built with python -m r1jax.data.datasets; read from data_dir, "" = TFDS's default).
   c.grpo.train_file = ""
+  c.grpo.data_dir = ""
   c.grpo.on_bad_line = "raise"  # malformed task-file line: raise (file:line:field) | skip (counted)
   c.grpo.max_prompt_tokens = 0  # task-file prompt budget in tokens; 0 = positions - max_new_tokens
   c.grpo.overlong_prompts = "truncate_left"  # longer prompts: truncate_left (keep the end) | skip

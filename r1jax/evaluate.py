@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 
 from r1jax import main as cli
-from r1jax.data import jsonl
+from r1jax.data import datasets, jsonl
 from r1jax.data.templates import r1_chat_prompt, r1_zero_prompt
 from r1jax.errors import ConfigError
 from r1jax.eval import runner
@@ -40,9 +40,9 @@ def load_problems(config: ml_collections.ConfigDict) -> tuple[list[Any], dict]:
   """The problems to score (objects with .uid, .question, .answer) and their counts."""
   dc = config.data
   if dc.path:
-    problems, counts = jsonl.load_problems(
-        dc.path, on_error=dc.on_bad_line, limit=dc.limit or None,
-        question_fields=(dc.question_field,), answer_field=dc.answer_field)
+    problems, counts = datasets.load_problems(
+        dc.path, data_dir=dc.get("data_dir") or None, on_error=dc.on_bad_line,
+        limit=dc.limit or None, question_field=dc.question_field, answer_field=dc.answer_field)
     code = [p.source for p in problems if p.kind != "math"]
     if code:
       raise jsonl.JsonlError(f"{code[0]}: field {dc.answer_field!r} missing (code tests "
@@ -55,6 +55,21 @@ def load_problems(config: ml_collections.ConfigDict) -> tuple[list[Any], dict]:
   if dc.limit:
     problems = problems[:dc.limit]
   return problems, dict(kept=len(problems))
+
+
+def _data_name(path: str) -> str:
+  """gsm8k for ../shared/data/gsm8k/test.jsonl and for tfds:gsm8k:test; tinyworld for ""."""
+  if not path:
+    return "tinyworld"
+  if path.startswith("tfds:"):
+    return path[len("tfds:"):].split(":")[0].replace("/", "-")
+  return os.path.basename(os.path.dirname(os.path.abspath(path)))
+
+
+def _data_path(path: str) -> str:
+  if not path:
+    return "tinyworld"
+  return path if path.startswith("tfds:") else os.path.abspath(path)
 
 
 def make_prompt_fn(config: ml_collections.ConfigDict, bos: str | None) -> Callable[[str], str]:
@@ -185,8 +200,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _check(config)
   ec = config.eval
   problems, counts = load_problems(config)
-  data_name = (os.path.basename(os.path.dirname(os.path.abspath(config.data.path)))
-               if config.data.path else "tinyworld")
+  data_name = _data_name(config.data.path)
   name = config.name or f"{data_name}-{ec.mode}"
   out_dir = os.path.join(workdir, "eval", name)
   os.makedirs(out_dir, exist_ok=True)
@@ -241,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if ec.mode in ("both", "sampled"):
     summary.update(temperature=ec.temperature, top_p=ec.top_p)
   summary.update(
-      data=os.path.abspath(config.data.path) if config.data.path else "tinyworld",
+      data=_data_path(config.data.path),
       model=("none (oracle)" if ec.mode.startswith("oracle") else
              os.path.abspath(config.model_path or workdir)),
       counts=counts, **extra,

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
-from r1jax.data import jsonl, tinyworld
+from r1jax.data import datasets, tinyworld
 from r1jax.data.templates import r1_zero_prompt
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.errors import ConfigError
@@ -82,7 +82,8 @@ def dynamics_by_step(metrics_path: str) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   if config.grpo.get("train_file"):  # a bad task file fails now, not after pretraining
-    jsonl.load_problems(config.grpo.train_file, on_error=config.grpo.get("on_bad_line", "raise"))
+    datasets.load_problems(config.grpo.train_file, data_dir=config.grpo.get("data_dir") or None,
+                           on_error=config.grpo.get("on_bad_line", "raise"))
   base_dir = config.base_workdir or os.path.join(workdir, "base")
   if not config.base_workdir and not os.path.exists(os.path.join(base_dir, "results.json")):
     os.makedirs(base_dir, exist_ok=True)

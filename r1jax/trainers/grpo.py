@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
-from r1jax.data import jsonl, tinyworld
+from r1jax.data import datasets, jsonl, tinyworld
 from r1jax.data.templates import r1_zero_prompt
 from r1jax.eval.dynamics import step_dynamics
 from r1jax.errors import ConfigError
@@ -196,7 +196,8 @@ def reward_fns(gc: ml_collections.ConfigDict, kind: str = "math") -> dict:
 def load_task(gc: ml_collections.ConfigDict, tokenizer, max_positions: int) -> list | None:
   """`gc.train_file`'s problems as (problem, prompt ids) pairs, or None (tiny world).
 
-  Malformed lines raise (file:line:field) or are skipped (`gc.on_bad_line`);
+  `train_file` is a .jsonl or .array_record path or `tfds:<name>[:<split>]`
+  (read from `gc.data_dir`; r1jax.data.datasets). Malformed lines raise (file:line:field) or are skipped (`gc.on_bad_line`);
   prompts longer than `gc.max_prompt_tokens` (0: what the model's positions
   leave after max_new_tokens) are cut from the left or skipped
   (`gc.overlong_prompts`). Everything dropped is counted in the log.
@@ -204,7 +205,8 @@ def load_task(gc: ml_collections.ConfigDict, tokenizer, max_positions: int) -> l
   path = gc.get("train_file", "")
   if not path:
     return None
-  problems, counts = jsonl.load_problems(path, on_error=gc.get("on_bad_line", "raise"))
+  problems, counts = datasets.load_problems(path, data_dir=gc.get("data_dir") or None,
+                                            on_error=gc.get("on_bad_line", "raise"))
   limit = gc.get("max_prompt_tokens", 0) or max_positions - gc.max_new_tokens
   ids = jsonl.fit_prompts([tokenizer.encode(r1_zero_prompt(p.question)) for p in problems],
                           limit, gc.get("overlong_prompts", "truncate_left"), counts)
@@ -222,15 +224,14 @@ def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int, task: lis
                   ) -> list:
   """The problems of step `step`: a pure function of (seed, step) (and the task).
 
-  Tiny world: freshly generated problems. Task file: `prompts_per_step`
-  (problem, prompt ids) pairs drawn by a generator seeded with (seed, step).
+  Tiny world: freshly generated problems. Task file: the step's
+  `prompts_per_step` (problem, prompt ids) pairs in an epoch-shuffled order
+  (grain; every problem once per epoch; `datasets.StepBatches`).
   """
   if task is None:
     return tinyworld.generate_problems("train", gc.prompts_per_step, seed * 1_000_003 + step,
                                        tuple(gc.levels))
-  rng = np.random.default_rng([seed, step])
-  picks = rng.choice(len(task), gc.prompts_per_step, replace=len(task) < gc.prompts_per_step)
-  return [task[i] for i in picks]
+  return datasets.StepBatches(task, gc.prompts_per_step, seed).batch(step)
 
 
 def _ckpt_tree(state: TrainState, ref_params: Any, ref_model_state: Any = None) -> dict:
