@@ -14,7 +14,8 @@ per case the largest differences from the single-device run, and every param
 / Adam-moment leaf whose sharding spec or per-device shard shape is not what
 the logical rules say. The parent test asserts on it.
 
-Model cases plug in through CASES (a MoE case: see the marked place below).
+Model cases: CASES (the tiny dense decoder; the tiny DeepSeek-V3 MoE, whose router
+biases are model state that the step moves and that must move the same).
 """
 
 import functools
@@ -34,7 +35,7 @@ from r1jax.parallel.mesh import batch_sharding, logical_shardings, make_mesh, me
 from r1jax.sampling.sampler import SamplingConfig, sample
 from r1jax.trainers import grpo, sft
 from r1jax.trainers.optim import make_optimizer
-from r1jax.trainers.state import create_train_state
+from r1jax.trainers.state import create_train_state, state_collections
 
 # What the default logical rules (r1jax.parallel.mesh.DEFAULT_RULES) must give
 # each dense param, written out by hand so a change of the rules or of a
@@ -67,12 +68,36 @@ def dense_case():
   return Transformer(config), DENSE_SPECS
 
 
-# MoE (issue 6, DeepSeek-V3): add "moe": moe_case here, returning the tiny MoE
-# model and its (module, param) -> axes table (experts on `expert`); pass its
-# model state (router biases) to create_train_state(init_model_state=...) in
-# run_mesh, and add its meshes (e.g. {"data": 2, "expert": 4}) to CASES in
-# tests/test_mesh_equivalence.py.
-CASES = {"dense": dense_case}
+# The tiny MoE's extra params: MLA projections (latent ranks are not sharded),
+# the router, and the routed experts' stacked weights on `expert`.
+MOE_SPECS = {**DENSE_SPECS, **{
+    ("q_a_proj", "kernel"): ("fsdp", None),  # (embed, q_lora)
+    ("q_b_proj", "kernel"): (None, "tensor", None),  # (q_lora, heads, head_dim)
+    ("kv_a_proj_with_mqa", "kernel"): ("fsdp", None),  # (embed, kv_lora + rope)
+    ("kv_b_proj", "kernel"): (None, "tensor", None),  # (kv_lora, heads, head_dim)
+    ("q_a_layernorm", "scale"): (None,),
+    ("kv_a_layernorm", "scale"): (None,),
+    ("gate", "kernel"): ("fsdp", None),  # router (embed, experts)
+    ("experts", "gate_proj"): ("expert", "fsdp", "tensor"),  # (experts, embed, mlp)
+    ("experts", "up_proj"): ("expert", "fsdp", "tensor"),
+    ("experts", "down_proj"): ("expert", "tensor", "fsdp"),  # (experts, mlp, embed)
+}}
+
+
+def moe_case():
+  """Tiny DeepSeek-V3: 1 dense + 1 MoE layer (MLA, 8 routed experts in 4 groups,
+  top-2 of 2 groups, 1 shared expert), dropless dispatch; sizes divide a tensor
+  or expert axis of 4."""
+  from r1jax.models import deepseek_v3  # pylint: disable=import-outside-toplevel
+  config = deepseek_v3.get_preset(
+      "deepseek-v3-tiny", vocab_size=64, hidden_size=32, intermediate_size=64,
+      moe_intermediate_size=16, num_hidden_layers=2, first_k_dense_replace=1,
+      num_attention_heads=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+      qk_rope_head_dim=8, v_head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)
+  return deepseek_v3.make_model(config), MOE_SPECS
+
+
+CASES = {"dense": dense_case, "moe": moe_case}
 
 
 def expected_spec(path, leaf, table) -> tuple:
@@ -112,12 +137,16 @@ def layout_errors(shardings, shapes, table, mesh, what) -> list[str]:
 
 
 def host_params(model, seed=0):
-  """Random params on the host (no init compile); norm scales 1 + noise."""
+  """Random params on the host (no init compile); norm scales 1 + noise; the
+  model's state (MoE router biases) random too, so selection is biased."""
   boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   rng = np.random.default_rng(seed)
   fill = lambda path, x: (rng.normal(0.0, 0.1, x.shape) + (path[-1].key == "scale")
                           ).astype(np.float32)
-  return boxed["params"], jax.tree_util.tree_map_with_path(fill, nn.unbox(boxed["params"]))
+  params = jax.tree_util.tree_map_with_path(fill, nn.unbox(boxed["params"]))
+  model_state = {k: jax.tree_util.tree_map_with_path(fill, nn.unbox(v))
+                 for k, v in boxed.items() if k in state_collections(model)}
+  return boxed["params"], params, model_state
 
 
 def sft_batch(rng, vocab, B=8, T=32):
@@ -160,7 +189,7 @@ def grpo_batch(rng, vocab, prompts, G=4, N=8):
   return batch
 
 
-def run_mesh(kinds, model, boxed, params_host, mesh, batches, prompts, sc):
+def run_mesh(kinds, model, boxed, params_host, model_state, mesh, batches, prompts, sc):
   """The `kinds` ("sft", "grpo": 3 train steps; "sample": the sampler) on `mesh`."""
   c = config()
   tx = make_optimizer(c.optim, 10)
@@ -174,18 +203,20 @@ def run_mesh(kinds, model, boxed, params_host, mesh, batches, prompts, sc):
       params = jax.device_put(params_host, shardings)
       if kind == "sample":  # on the trainer's sharded params: no copy to another layout
         out[kind] = jax.device_get(sample(model, params, prompts, jax.random.key(3), sc,
-                                          eos_id=1))
+                                          eos_id=1, model_state=model_state or None))
         continue
-      state, state_shardings = create_train_state(model, tx, mesh, 0, init_params=params)
+      state, state_shardings = create_train_state(model, tx, mesh, 0, init_params=params,
+                                                  init_model_state=model_state or None)
       step = sft.jit_train_step(steps[kind], state_shardings, mesh)
       out[kind] = three_steps(step, state, jax.device_put(batches[kind], batch_sharding(mesh)))
   return out
 
 
 def three_steps(step, state, batch):
-  """(loss, params after the first step, that state, compiles after 3 steps)."""
+  """(loss, params and model state after the first step, that state's shardings,
+  compiles after 3 steps)."""
   state, m = step(state, batch)
-  first = (jax.device_get(m["loss"]), jax.device_get(state.params),
+  first = (jax.device_get(m["loss"]), jax.device_get((state.params, state.model_state)),
            jax.tree.map(lambda x: x.sharding, state))
   for _ in range(2):
     state, m = step(state, batch)
@@ -204,27 +235,30 @@ def main(cases, kinds):
   for name in sorted({case[0] for case in cases}):
     rng = np.random.default_rng(0)
     model, table = CASES[name]()
-    boxed, params_host = host_params(model)
+    boxed, params_host, model_state = host_params(model)
     vocab = model.config.vocab_size
     prompts = [rng.integers(2, vocab, n).tolist() for n in (5, 11)]
     batches = dict(sft=sft_batch(rng, vocab), grpo=grpo_batch(rng, vocab, prompts))
     sc = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
     one = make_mesh({"data": 1}, devices=jax.devices()[:1])
-    ref = run_mesh(kinds, model, boxed, params_host, one, batches, prompts, sc)
+    ref = run_mesh(kinds, model, boxed, params_host, model_state, one, batches, prompts, sc)
     for case_name, axes, with_sampler in cases:
       if case_name != name:
         continue
       mesh = make_mesh(axes)
       run = [k for k in kinds if k != "sample" or with_sampler]
-      got = run_mesh(run, model, boxed, params_host, mesh, batches, prompts, sc)
+      got = run_mesh(run, model, boxed, params_host, model_state, mesh, batches, prompts, sc)
       r = dict(mesh=dict(mesh.shape))
       for kind in set(run) - {"sample"}:
-        loss, params, state, compiles = got[kind]
+        loss, (params, new_model_state), state, compiles = got[kind]
         r[f"{kind}_compiles"] = compiles
         r[f"{kind}_loss"] = float(loss)
         r[f"{kind}_loss_diff"] = abs(float(loss) - float(ref[kind][0]))
-        r[f"{kind}_param_diff"] = max_diff(params, ref[kind][1])
+        r[f"{kind}_param_diff"] = max_diff(params, ref[kind][1][0])
         r[f"{kind}_param_change"] = max_diff(params, params_host)
+        if model_state:  # router biases: moved by the step, by the same amount
+          r[f"{kind}_model_state_diff"] = max_diff(new_model_state, ref[kind][1][1])
+          r[f"{kind}_model_state_change"] = max_diff(new_model_state, model_state)
         r[f"{kind}_layout_errors"] = layout_errors(state.params, params, table, mesh, "params")
         mu = state.opt_state[1][0].mu  # optax.chain(clip, adamw): adamw's Adam moments
         r[f"{kind}_opt_layout_errors"] = layout_errors(mu, params, table, mesh, "adam_mu")

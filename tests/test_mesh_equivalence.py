@@ -1,9 +1,10 @@
-"""Sharded equals unsharded on (data, fsdp, tensor) meshes of 8 fake CPU devices:
-one SFT step and one GRPO step give the loss and updated params of the
-single-device run (float32, <= 1e-5), every param is laid out as the logical
-rules say (spec and per-device shard shape), the sampler runs on the
-trainer's sharded params and samples what one device samples, and 3 steps
-compile once. One subprocess (XLA_FLAGS must be set before JAX starts) runs
+"""Sharded equals unsharded on (data, fsdp, tensor, expert) meshes of 8 fake CPU
+devices, for the tiny dense model and the tiny DeepSeek-V3 MoE: one SFT step
+and one GRPO step give the loss and updated params (and MoE router biases) of
+the single-device run (float32, <= 1e-5), every param is laid out as the
+logical rules say (spec and per-device shard shape; routed experts split over
+`expert`), the sampler runs on the trainer's sharded params and samples what
+one device samples, and 3 steps compile once. One subprocess (XLA_FLAGS must be set before JAX starts) runs
 every case: tests/mesh_equivalence_driver.py.
 """
 
@@ -21,15 +22,13 @@ CASES = [
     ("dense", {"data": 8}, False),
     ("dense", {"data": 2, "fsdp": 4}, False),
     ("dense", {"fsdp": 2, "tensor": 4}, True),
-    # MoE (issue 6): ("moe", {"data": 2, "expert": 4}, True), ... once the driver
-    # has a "moe" case (see CASES in tests/mesh_equivalence_driver.py).
+    ("dense", {"data": 2, "expert": 4}, False),
+    ("moe", {"data": 8}, False),
+    ("moe", {"data": 2, "fsdp": 4}, False),
+    ("moe", {"fsdp": 2, "tensor": 4}, False),
+    ("moe", {"data": 2, "expert": 4}, True),
 ]
 TOL = 1e-5
-
-# r1jax/trainers/state.py builds the optimizer state with jit(tx.init) and no
-# out_shardings: Adam's moments come out replicated on every device instead of
-# sharded like their params. The fix: optax.tree_map_params(tx, ...) gives the
-# moments their params' shardings -> jit(tx.init, out_shardings=...).
 
 
 def _key(case):
@@ -71,6 +70,9 @@ def test_sharded_step_equals_single_device(results, case):
     assert r[f"{kind}_param_change"] > 100 * TOL, (kind, r)  # the step moved the params
     assert r[f"{kind}_loss_diff"] <= TOL, (kind, r)
     assert r[f"{kind}_param_diff"] <= TOL, (kind, r)
+    if case[0] == "moe":  # the router biases moved by the step, and identically
+      assert r[f"{kind}_model_state_change"] > 100 * TOL, (kind, r)
+      assert r[f"{kind}_model_state_diff"] <= TOL, (kind, r)
   if case[2]:
     assert r["sample_tokens_equal"] and r["sample_logprob_diff"] <= TOL, r
     assert len(set(r["sample_lengths"])) > 1  # rows stopped at different steps

@@ -8,6 +8,7 @@ the rules below map those names onto mesh axes (`data`, `fsdp`, `tensor`,
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -70,10 +71,51 @@ def mesh_rules(mesh: Mesh, rules=DEFAULT_RULES):
     yield
 
 
+def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list[str]]:
+  """`spec` with each dimension's mesh axes cut back to what divides it.
+
+  A dimension sharded over axes (a, b) whose size their product does not
+  divide keeps the longest prefix that does (possibly none: replicated), so
+  e.g. a 151,665-token vocabulary, or 9 experts on a 4-way expert axis, still
+  lays out (replicated on that axis) instead of failing. Returns the new spec
+  and one note per dimension cut.
+  """
+  entries, notes = [], []
+  for dim, (size, axes) in enumerate(zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    keep = list(names)
+    while keep and size % int(np.prod([mesh.shape[a] for a in keep])):
+      keep.pop()
+    if len(keep) < len(names):
+      notes.append(f"dim {dim} ({size}) not divisible by {'x'.join(names)}="
+                   f"{int(np.prod([mesh.shape[a] for a in names]))}: sharded over "
+                   f"{'x'.join(keep) or 'nothing'}")
+    entries.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
+  while entries and entries[-1] is None:
+    entries.pop()
+  return P(*entries), notes
+
+
 def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
-  """NamedShardings for a pytree of logically-partitioned (boxed) values."""
+  """NamedShardings (unboxed) for a pytree of logically-partitioned abstract values.
+
+  Where a dimension does not divide its mesh axes (an odd vocabulary or expert
+  count), that dimension is sharded over fewer axes (`divisible_spec`) and a
+  warning names the param, instead of failing at placement.
+  """
   specs = nn.get_partition_spec(abstract_boxed)
-  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+  shardings = nn.unbox(nn.logical_to_mesh_sharding(specs, mesh, rules))
+  shapes = jax.tree.map(  # unbox without constraining (we may be inside a mesh context)
+      lambda x: x.unbox(apply_constraint=False) if isinstance(x, nn.meta.AxisMetadata) else x,
+      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
+
+  def fit(path, sharding, shape):
+    spec, notes = divisible_spec(sharding.spec, shape.shape, mesh)
+    for note in notes:
+      logging.warning("sharding %s %s: %s", jax.tree_util.keystr(path), tuple(shape.shape), note)
+    return sharding if not notes else NamedSharding(mesh, spec, memory_kind=sharding.memory_kind)
+
+  return jax.tree_util.tree_map_with_path(fit, shardings, shapes)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
