@@ -7,7 +7,8 @@
 The mesh is (data 2, fsdp 2, tensor 2) over the 8 devices of both processes.
 `step`: one GRPO step built from the library pieces the loop uses (sampler on
 the sharded params, rewards scored per host and gathered, per-host batch,
-jitted step), then an orbax save and restore of the state by both processes.
+jitted step), the evaluation runner's sampling on the updated params, then an
+orbax save and restore of the state by both processes.
 `loop`: the real `grpo.train` loop with the KL term (reference model on the
 same mesh): 1 step and a checkpoint, then the loop is started again for 2
 steps, so it restores step 1 and runs step 2.
@@ -123,6 +124,11 @@ def run_step(mesh, tok, workdir: str) -> dict:
   params = saved.params
   q = restored.params["layers_0"]["self_attn"]["q_proj"]["kernel"]
   rows = distributed.process_rows(len(host["tokens"]), batch_sharding(mesh))
+  # Held-out evaluation on the updated, sharded params (output rows on both hosts).
+  from r1jax.eval.runner import generate
+  ec = c.eval.copy_and_resolve_references()
+  ec.update(num_samples=2, batch_size=2, max_new_tokens=8)
+  sampled, greedy = generate(model, state.params, tok, prompts[:2], ec, jax.random.key(11))
   loss, grad_norm = distributed.fetch((metrics["loss"], metrics["grad_norm"]))
   change = max(float(np.abs(a - b).max()) for a, b in
                zip(jax.tree.leaves(params), jax.tree.leaves(before)))
@@ -131,7 +137,8 @@ def run_step(mesh, tok, workdir: str) -> dict:
               restored_equal=same, meta_step=meta["grpo_step"],
               restored_q_spec=str(q.sharding.spec),
               restored_q_local_shards=len(q.addressable_shards),
-              process_rows=[rows.start, rows.stop])
+              process_rows=[rows.start, rows.stop],
+              eval_completions=[t for t, _ in sampled + greedy])
 
 
 def run_loop(mesh, tok, workdir: str) -> dict:

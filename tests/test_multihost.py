@@ -105,6 +105,9 @@ def test_two_processes_run_a_grpo_step_and_checkpoint_like_one(tmp_path, tokeniz
   # Same rollout, same rewards (scored half per host, then gathered), same update.
   np.testing.assert_array_equal(multi["tokens"], single["tokens"])
   np.testing.assert_array_equal(multi["rewards"], single["rewards"])
+  # The evaluation runner samples the same on two hosts as on one.
+  assert seen[0]["eval_completions"] == seen[1]["eval_completions"] == alone["eval_completions"]
+  assert len(alone["eval_completions"]) == 6
   assert float(np.std(single["rewards"])) > 0  # advantages (and the update) are not 0
   assert seen[0]["param_change"] > 1e-3  # the step moved the params
   np.testing.assert_allclose(multi["loss"], single["loss"], atol=1e-5)

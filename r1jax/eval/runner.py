@@ -18,6 +18,7 @@ import numpy as np
 
 from r1jax.data.tokenizer import Tokenizer
 from r1jax.eval.metrics import majority_vote, pass_at_k
+from r1jax.parallel import distributed
 from r1jax.rewards.accuracy import extract_answer, is_equivalent, normalize
 from r1jax.data import tinyworld
 from r1jax.rewards.format import format_reward
@@ -34,9 +35,12 @@ def _generate(model, params, tokenizer: Tokenizer, prompts: list[list[int]], rng
     chunk = prompts[start:start + batch_size]
     real = len(chunk) * sc.num_samples
     chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # same shape: no recompile
-    res = sample(model, params, chunk, jax.random.fold_in(rng, b),
-                 sc, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, model_state=model_state)
-    tokens, lengths = np.asarray(res.tokens)[:real], np.asarray(res.lengths)[:real]
+    # fetch: on several hosts the output rows live on all of them (a collective:
+    # every host evaluates the same prompts in the same order).
+    res = distributed.fetch(sample(model, params, chunk, jax.random.fold_in(rng, b), sc,
+                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                   model_state=model_state))
+    tokens, lengths = res.tokens[:real], res.lengths[:real]
     out += [(tokenizer.decode(t[:n].tolist()), int(n)) for t, n in zip(tokens, lengths)]
   return out
 
