@@ -274,3 +274,71 @@ def test_second_call_with_same_shapes_does_not_recompile(params):
   assert _generate._cache_size() == compiled
   run(params, PROMPTS + [[1] * 20], SAMPLED, rng=0)  # a new bucket does compile
   assert _generate._cache_size() == compiled + 1
+
+
+# ---------------------------------------------------------------------------
+# Speed features (issue 10): truncation without a sort, the shared prefill,
+# early exit.
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("V,scale", [(97, 1.0), (1000, 4.0), (5000, 0.3)])
+def test_sort_free_truncation_keeps_the_sorted_set(V, scale):
+  rng = np.random.default_rng(V)
+  logits = jnp.asarray(rng.normal(0.0, scale, (32, V)), jnp.float32)
+  logits = logits.at[:4, :5].set(2.0).at[4:8].set(0.0)  # ties, and all-equal rows
+  f = jax.jit(lambda x, k, p, method: truncate_logits(x, k, p, method=method),
+              static_argnames="method")
+  for k, p in [(0, 0.9), (1, 1.0), (20, 1.0), (20, 0.5), (0, 0.05), (V + 5, 0.999)]:
+    want = np.isfinite(np.asarray(f(logits, k, p, "sort")))
+    got = np.isfinite(np.asarray(f(logits, k, p, "search")))
+    np.testing.assert_array_equal(got, want, err_msg=f"top_k={k} top_p={p}")
+    assert want.sum(-1).min() >= 1
+
+
+def _prefill_flops(params, rows, P=32):
+  from r1jax.sampling.sampler import prefill
+  tokens = jnp.ones((rows, P), jnp.int32)
+  lengths = jnp.full((rows,), P, jnp.int32)
+  fn = jax.jit(lambda v, t, l: prefill(MODEL, v, t, l, P + 8))
+  cost = fn.lower({"params": params}, tokens, lengths).compile().cost_analysis()
+  return float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
+def test_shared_prefill_cuts_prefill_flops_by_g_and_samples_the_same(params):
+  G = 16
+  shared = dataclasses.replace(SAMPLED, num_samples=G, max_new_tokens=6)
+  unshared = dataclasses.replace(shared, share_prefix=False)
+  a, b = run(params, PROMPTS, shared, rng=5), run(params, PROMPTS, unshared, rng=5)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_array_equal(a.lengths, b.lengths)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+  # XLA's own FLOP count of the prefill program: B prompts vs B * G copies.
+  B = len(PROMPTS)
+  ratio = _prefill_flops(params, B * G) / _prefill_flops(params, B)
+  assert ratio >= 10, ratio
+
+
+def test_finished_rows_stop_the_loop_early_in_wall_time(params):
+  """All rows stop after 5 tokens vs the same batch forced to 512 tokens."""
+  import time
+  prompt, N = PROMPTS[1], 512
+  long_model = Transformer(dataclasses.replace(CONFIG, max_position_embeddings=1024))  # same params
+  run = lambda params, prompts, config, eos_id: jax.tree.map(np.asarray, sample(
+      long_model, params, prompts, jax.random.key(0), config, eos_id=eos_id))
+  greedy = SamplingConfig(max_new_tokens=N, temperature=0.0, num_samples=1, prompt_bucket=8)
+  first = run(params, [prompt], dataclasses.replace(greedy, max_new_tokens=8), eos_id=0)
+  stop = int(first.tokens[0, 4])
+  assert stop not in first.tokens[0, :4].tolist()  # the 5th token is the first of its kind
+  batch = [prompt] * 32
+  timed = {}
+  for name, cfg in [("stops", dataclasses.replace(greedy, stop_token_ids=(stop,))),
+                    ("forced", greedy)]:
+    run(params, batch, cfg, eos_id=0)  # compile
+    best = float("inf")
+    for _ in range(3):
+      t0 = time.perf_counter()
+      out = run(params, batch, cfg, eos_id=0)
+      best = min(best, time.perf_counter() - t0)
+    timed[name] = (best, out.lengths)
+  assert (timed["stops"][1] == 5).all() and (timed["forced"][1] == N).all()
+  assert timed["forced"][0] >= 10 * timed["stops"][0], timed

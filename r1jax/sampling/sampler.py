@@ -43,6 +43,9 @@ class SamplingConfig:
   num_samples: int = 1  # G completions per prompt
   stop_token_ids: tuple[int, ...] = ()  # stop besides eos (kept in the output), e.g. "</answer>"
   prompt_bucket: int = 32  # pad prompt length to a multiple of this: few shapes, few compiles
+  # Prefill each prompt once and share its cache across its G samples; False
+  # prefills every copy (what the PyTorch anchors do; kept to measure against).
+  share_prefix: bool = True
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -122,7 +125,7 @@ def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_le
       np.int32(pad_id), max_new_tokens=config.max_new_tokens,
       num_samples=config.num_samples, greedy=config.temperature == 0.0,
       truncate=config.top_k > 0 or config.top_p < 1.0, max_cache_length=max_cache_length,
-      model_state=model_state or {})
+      share_prefix=config.share_prefix, model_state=model_state or {})
 
 
 def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
@@ -165,34 +168,47 @@ def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
   return tokens_BP, lengths_B, max_cache_length
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "max_new_tokens", "num_samples", "greedy", "truncate", "max_cache_length"))
-def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.Array,
-              rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-              stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
-              num_samples: int, greedy: bool, truncate: bool,
-              max_cache_length: int, model_state=None) -> tuple[SampleOutput, jax.Array]:
-  """Prefill + decode loop. Returns the output and the number of decode steps run."""
-  B, P = tokens_BP.shape
-  G, N = num_samples, max_new_tokens
+def prefill(model: Transformer, variables, tokens_BP: jax.Array, lengths_B: jax.Array,
+            max_cache_length: int):
+  """The prompts through the model into a fresh cache: (last-position logits [B, V], cache).
 
-  # Prefill once per prompt. Left padding puts every prompt's last token in
-  # slot P-1; positions restart at 0 on each prompt's first real token.
+  Left padding puts every prompt's last token in slot P-1; positions restart
+  at 0 on each prompt's first real token.
+  """
+  B, P = tokens_BP.shape
   valid_BP = jnp.arange(P)[None, :] >= (P - lengths_B)[:, None]
   positions_BP = jnp.maximum(jnp.cumsum(valid_BP, axis=1) - 1, 0)
-  variables = {"params": params, **(model_state or {})}
   cache = model.init_cache(B, max_cache_length)
   hidden_BPD, cache = model.apply(
       variables, tokens_BP, positions_BP, valid_BP.astype(jnp.int32), cache,
       return_hidden=True)
   # Project only the last position: full prefill logits would be [B, P, V].
-  logits_BV = _head_logits(model, params, hidden_BPD[:, -1])
+  return _head_logits(model, variables["params"], hidden_BPD[:, -1]), cache
 
-  # G samples per prompt share the prefill: repeat the cache, prompt-major.
-  rep = lambda x: jnp.repeat(x, G, axis=0)
-  cache = KVCache(layers=jax.tree.map(rep, cache.layers), valid_BS=rep(cache.valid_BS),
-                  index=cache.index)
-  logits_BV = rep(logits_BV)
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "max_new_tokens", "num_samples", "greedy", "truncate", "max_cache_length",
+    "share_prefix"))
+def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.Array,
+              rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
+              stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
+              num_samples: int, greedy: bool, truncate: bool,
+              max_cache_length: int, share_prefix: bool = True,
+              model_state=None) -> tuple[SampleOutput, jax.Array]:
+  """Prefill + decode loop. Returns the output and the number of decode steps run."""
+  B, P = tokens_BP.shape
+  G, N = num_samples, max_new_tokens
+  variables = {"params": params, **(model_state or {})}
+  rep = lambda x: jnp.repeat(x, G, axis=0)  # prompt-major: row = prompt * G + sample
+  if share_prefix:
+    # Prefill once per prompt; the G samples share it: repeat the cache.
+    logits_BV, cache = prefill(model, variables, tokens_BP, lengths_B, max_cache_length)
+    cache = KVCache(layers=jax.tree.map(rep, cache.layers), valid_BS=rep(cache.valid_BS),
+                    index=cache.index)
+    logits_BV = rep(logits_BV)
+  else:  # every copy prefilled (G times the prefill FLOPs)
+    logits_BV, cache = prefill(model, variables, rep(tokens_BP), rep(lengths_B),
+                               max_cache_length)
   lengths_B = rep(lengths_B)  # from here on B means the B*G decode rows
   keys_B = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.fold_in(rng, b), g))(
       jnp.arange(B * G) // G, jnp.arange(B * G) % G)
@@ -269,9 +285,18 @@ def _sample_tokens(logits_BV: jax.Array, keys_B: jax.Array, temperature: jax.Arr
   return token_B, logprob_B
 
 
+# From this vocabulary size on, truncation searches its thresholds instead of
+# sorting every row every step (benchmarks/sampler.py times both).
+SORT_FREE_VOCAB = 16384
+
+
 def truncate_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0,
-                    top_p: jax.Array | float = 1.0) -> jax.Array:
+                    top_p: jax.Array | float = 1.0, *, method: str = "auto") -> jax.Array:
   """Sets logits outside the top-k, then outside the nucleus, to -inf.
+
+  `method`: "sort" (one sort of the row serves both), "search" (no sort: each
+  threshold found by bisection over the float's bits, 32 passes of O(V)), or
+  "auto" (search from SORT_FREE_VOCAB tokens). Both keep the same set.
 
   top_k (0 = off) and top_p (1.0 = off) may be traced scalars: one sort serves
   both. Top-p is applied to the top-k-renormalised distribution (the Hugging
@@ -280,6 +305,8 @@ def truncate_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0,
   Tokens tied with the last kept one are kept too.
   """
   V = logits_BV.shape[-1]
+  if method == "search" or (method == "auto" and V >= SORT_FREE_VOCAB):
+    return _truncate_by_search(logits_BV, top_k, top_p)
   sorted_BV = -jnp.sort(-logits_BV, axis=-1)
   kth_B1 = jnp.take(sorted_BV, jnp.clip(top_k - 1, 0, V - 1), axis=-1)[:, None]
   kth_B1 = jnp.where(top_k > 0, kth_B1, -jnp.inf)
@@ -292,3 +319,47 @@ def truncate_logits(logits_BV: jax.Array, top_k: jax.Array | int = 0,
   keep_BV = keep_BV.at[:, 0].set(True)
   threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits_BV < threshold_B1, -jnp.inf, logits_BV)
+
+
+def _ordered_bits(x: jax.Array) -> jax.Array:
+  """float32 -> uint32 with the same order (the radix-sort key)."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  negative = (i >> 31) == 1
+  return jnp.where(negative, ~i, i | jnp.uint32(0x80000000))
+
+
+def _largest_threshold(keys_BV: jax.Array, holds) -> jax.Array:
+  """Per row, the largest key t (among [min, max] of the row) with holds(t)
+  true, for a `holds` that is true at the row's minimum and monotone (once
+  false, false for every larger t). 32 bisection steps: exact for uint32."""
+  lo = jnp.min(keys_BV, axis=-1)
+  hi = jnp.max(keys_BV, axis=-1)
+
+  def step(_, bounds):
+    lo, hi = bounds
+    d = hi - lo
+    mid = lo + (d >> 1) + (d & 1)  # ceil((lo + hi) / 2), no overflow
+    ok = holds(mid)
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - jnp.where(d > 0, 1, 0).astype(d.dtype))
+
+  lo, _ = jax.lax.fori_loop(0, 32, step, (lo, hi))
+  return lo
+
+
+def _truncate_by_search(logits_BV: jax.Array, top_k, top_p) -> jax.Array:
+  """truncate_logits without a sort: the top-k threshold is the largest logit
+  with at least k logits >= it; the nucleus threshold the largest with
+  probability mass (renormalised over the top-k) >= top_p at or above it."""
+  V = logits_BV.shape[-1]
+  keys_BV = _ordered_bits(logits_BV)
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+  kth_B = _largest_threshold(
+      keys_BV, lambda t: jnp.sum(keys_BV >= t[:, None], axis=-1) >= k)
+  in_k_BV = keys_BV >= kth_B[:, None]
+  masked_BV = jnp.where(in_k_BV, logits_BV, -jnp.inf)
+  probs_BV = jax.nn.softmax(masked_BV, axis=-1)
+  nucleus_B = _largest_threshold(
+      keys_BV, lambda t: jnp.sum(jnp.where(keys_BV >= t[:, None], probs_BV, 0.0), axis=-1)
+      >= top_p)
+  keep_BV = in_k_BV & ((keys_BV >= nucleus_B[:, None]) | (top_p >= 1.0))
+  return jnp.where(keep_BV, logits_BV, -jnp.inf)
