@@ -25,7 +25,8 @@ Expert dispatch (`dispatch` in the config):
   capacity  GShard-style one-hot einsum dispatch into [E, C] slots per batch row,
             C = ceil(capacity_factor · T · K / E); assignments past an expert's C
             are dropped (first choices of every token before second choices).
-Both agree when nothing is dropped (tests/test_moe.py).
+Both agree at real tokens when nothing is dropped (tests/test_moe.py); at padding
+positions (segment id 0) capacity dispatch routes nothing and dropless routes as usual.
 """
 
 from __future__ import annotations

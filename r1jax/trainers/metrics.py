@@ -96,16 +96,17 @@ def read_metrics(path: str) -> list[dict]:
 
 def plot_curves(metrics_path: str, keys: Iterable[str], out_png: str, title: str = ""):
   """One panel per key against step (raw and a moving average)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  # A bare Figure renders with Agg without switching pyplot's global backend
+  # (matplotlib.use("Agg") turned inline plots off in a notebook that trains).
+  from matplotlib.figure import Figure
   import numpy as np
 
   rows = read_metrics(metrics_path)
   keys = [k for k in keys if any(r.get(k) is not None for r in rows)]
   if not keys:
     return None
-  fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.4), squeeze=False)
+  fig = Figure(figsize=(4.5 * len(keys), 3.4))
+  axes = fig.subplots(1, len(keys), squeeze=False)
   for ax, key in zip(axes[0], keys):
     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
     steps, vals = np.array(pts).T
@@ -120,5 +121,4 @@ def plot_curves(metrics_path: str, keys: Iterable[str], out_png: str, title: str
     fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(out_png, dpi=110)
-  plt.close(fig)
   return out_png
