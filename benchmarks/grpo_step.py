@@ -1,6 +1,14 @@
-"""GRPO step anatomy: sampling vs training throughput and their share of a step.
+"""GRPO step anatomy and its distance from the FLOP floor, measured in the same run.
 
-  python benchmarks/grpo_step.py [--presets tiny qwen2.5-math-1.5b] [--steps 2]
+  python benchmarks/grpo_step.py [--presets bench tiny qwen2.5-math-1.5b] [--steps 2]
+
+`bench` is issue 10's bench config (benchmarks/roofline.py): 16 prompts x G=8,
+prompt 64, 128 new tokens, float32, beta 0 and mu 1 (so the update needs no
+extra log-prob pass: the sampler's log-probs are pi_old). The step = rollout
++ rewards (the rule rewards, in process, on the completions rendered as
+token-id text: a stand-in with the same per-row cost) + update. Its floor =
+prefill + decode + forward/backward FLOPs at the matmul rates measured in the
+same process (roofline.py); "x floor" = measured / floor.
 
 For each preset: a random-init model samples G completions for B prompts
 (random prompt tokens; the last vocabulary id stands in for EOS, so rows
@@ -21,13 +29,17 @@ import functools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
+
+import roofline
 
 from r1jax.losses.grpo import GRPOLoss
 from r1jax.models.config import ModelConfig, get_preset
 from r1jax.models.transformer import Transformer, count_params
 from r1jax.parallel.mesh import batch_sharding, make_mesh, mesh_rules
+from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn
 from r1jax.sampling.sampler import SamplingConfig, sample
 from r1jax.trainers import grpo
 from r1jax.trainers.sft import jit_train_step
@@ -35,12 +47,12 @@ from r1jax.trainers.state import create_train_state
 
 # (prompts B, samples G, prompt tokens, max new tokens) per preset: the tiny
 # preset's own R1-Zero shape; a small rollout for the mid-size model on CPU.
-SHAPES = {"tiny": (16, 8, 96, 96), "qwen2.5-math-1.5b": (2, 4, 64, 64)}
+SHAPES = {"bench": (16, 8, 64, 128), "tiny": (16, 8, 96, 96), "qwen2.5-math-1.5b": (2, 4, 64, 64)}
 
 
 def bench(name: str, steps: int, mid_layers: int) -> dict:
-  cfg = get_preset(name)
-  if name != "tiny":
+  cfg = roofline.BENCH if name == "bench" else get_preset(name)
+  if name not in ("tiny", "bench"):
     cfg = dataclasses.replace(cfg, num_hidden_layers=mid_layers)
   B, G, P, N = SHAPES[name]
   model = Transformer(cfg)
@@ -48,52 +60,75 @@ def bench(name: str, steps: int, mid_layers: int) -> dict:
   tx = optax.adamw(1e-5)
   state, shardings = create_train_state(model, tx, mesh, seed=0)
   rng = np.random.default_rng(0)
-  sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G)
+  sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G, prompt_bucket=32)
   step_fn = functools.partial(grpo.grpo_train_step, model=model, loss=GRPOLoss(beta=0.0),
                               tx=tx, temperature=1.0)
-  t_sample = t_train = gen_tokens = train_tokens = 0.0
+  runner = RewardRunner({"accuracy": (accuracy_reward_fn, 1.0), "format": (format_reward_fn, 1.0)},
+                        workers=0)
+  # Floors at this process's measured matmul rates (decode rows; training tokens).
+  rows, seq = B * G, P + N
+  rates_dec = roofline.measure_rates(cfg, rows)
+  rates_trn = roofline.measure_rates(cfg, rows * seq)
+  floor_roll = (roofline.prefill_floor(cfg, B, P, roofline.measure_rates(cfg, B * P))
+                + roofline.decode_floor(cfg, rows, P, N, rates_dec))
+  floor_train = roofline.train_floor(cfg, rows, seq, rates_trn)
+  t_sample = t_reward = t_train = gen_tokens = train_tokens = 0.0
   with mesh_rules(mesh):
     jitted = jit_train_step(step_fn, shardings, mesh)
     for i in range(steps + 1):  # step 0 compiles
-      prompts = [rng.integers(4, cfg.vocab_size, P).tolist() for _ in range(B)]
+      prompts = [rng.integers(4, cfg.vocab_size - 1, P).tolist() for _ in range(B)]
       t0 = time.perf_counter()
       out = jax.device_get(sample(model, state.params, prompts, jax.random.key(i), sc,
                                   eos_id=cfg.vocab_size - 1, pad_id=0))
       t1 = time.perf_counter()
       lengths = np.asarray(out.lengths)
-      adv = rng.standard_normal(B * G).astype(np.float32)
+      texts = [" ".join(map(str, t[:n])) for t, n in zip(out.tokens, lengths)]
+      total, _, _ = runner.score([""] * len(texts), texts, ["7"] * len(texts))
+      adv = np.asarray(grpo.group_advantages(jnp.asarray(
+          total.reshape(B, G) + rng.standard_normal((B, G)).astype(np.float32)))).reshape(-1)
+      t2 = time.perf_counter()
       host = grpo.build_batch(prompts, G, np.asarray(out.tokens), np.asarray(out.logprobs),
                               lengths, np.asarray(out.finished), adv, pad_id=0)
-      t2 = time.perf_counter()
       state, m = jitted(state, jax.device_put(host, batch_sharding(mesh)))
       jax.block_until_ready(m["loss"])
       t3 = time.perf_counter()
       if i:
         t_sample += t1 - t0
+        t_reward += t2 - t1
         t_train += t3 - t2
         gen_tokens += float(lengths.sum())
         train_tokens += float(host["segment_ids"].sum())
-  total = t_sample + t_train
+  runner.close()
+  total_s = (t_sample + t_reward + t_train) / steps
+  # Tokens actually generated may fall short of N (eos drawn): scale the floors.
+  fill = gen_tokens / (steps * rows * N)
+  floor = (floor_roll + floor_train) * fill
   return dict(preset=name, layers=cfg.num_hidden_layers, params=count_params(state.params),
-              rows=B * G, new_tokens=N, sample_tps=gen_tokens / t_sample,
-              train_tps=train_tokens / t_train, sample_share=t_sample / total,
-              train_share=t_train / total, step_s=total / steps)
+              rows=rows, new_tokens=N, sample_tps=gen_tokens / t_sample,
+              train_tps=train_tokens / t_train, sample_s=t_sample / steps,
+              reward_s=t_reward / steps, train_s=t_train / steps, step_s=total_s,
+              floor_sample_s=floor_roll * fill, floor_train_s=floor_train * fill, floor_s=floor,
+              x_floor=total_s / floor)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--presets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+  parser.add_argument("--presets", nargs="+", default=["bench", "tiny"], choices=list(SHAPES))
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--mid-layers", type=int, default=2)
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].platform} x {jax.device_count()}")
   print(f"{'preset':<20}{'layers':>7}{'params':>12}{'rows':>6}{'new':>5}{'sample tok/s':>14}"
-        f"{'train tok/s':>13}{'sampling':>10}{'training':>10}{'s/step':>8}")
+        f"{'train tok/s':>13}{'sample s':>10}{'reward s':>10}{'update s':>10}{'step s':>8}"
+        f"{'floor s':>9}{'x floor':>9}")
   for name in args.presets:
     r = bench(name, args.steps, args.mid_layers)
     print(f"{r['preset']:<20}{r['layers']:>7}{r['params']:>12,}{r['rows']:>6}{r['new_tokens']:>5}"
-          f"{r['sample_tps']:>14.0f}{r['train_tps']:>13.0f}{r['sample_share']:>10.0%}"
-          f"{r['train_share']:>10.0%}{r['step_s']:>8.2f}")
+          f"{r['sample_tps']:>14.0f}{r['train_tps']:>13.0f}{r['sample_s']:>10.2f}"
+          f"{r['reward_s']:>10.2f}{r['train_s']:>10.2f}{r['step_s']:>8.2f}{r['floor_s']:>9.2f}"
+          f"{r['x_floor']:>9.2f}")
+    print(f"{'':<20}floors: rollout {r['floor_sample_s']:.2f} s (measured {r['sample_s']:.2f}), "
+          f"update {r['floor_train_s']:.2f} s (measured {r['train_s']:.2f})")
 
 
 if __name__ == "__main__":

@@ -239,7 +239,9 @@ def main(cases, kinds):
     vocab = model.config.vocab_size
     prompts = [rng.integers(2, vocab, n).tolist() for n in (5, 11)]
     batches = dict(sft=sft_batch(rng, vocab), grpo=grpo_batch(rng, vocab, prompts))
-    sc = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4)
+    # eos 1 and four stop ids: some of the 8 rows stop early (p = 5/64 a step).
+    sc = SamplingConfig(max_new_tokens=8, temperature=1.0, num_samples=4,
+                        stop_token_ids=(2, 3, 4, 5))
     one = make_mesh({"data": 1}, devices=jax.devices()[:1])
     ref = run_mesh(kinds, model, boxed, params_host, model_state, one, batches, prompts, sc)
     for case_name, axes, with_sampler in cases:

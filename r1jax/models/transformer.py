@@ -40,8 +40,9 @@ class KVCache:
 def init_cache(config: ModelConfig, batch: int, max_length: int, dtype=None) -> KVCache:
   """An empty cache of `max_length` slots for `batch` rows."""
   dtype = dtype or config.dtype
-  shape = (batch, max_length, config.num_key_value_heads, config.head_size)
-  layer = lambda: LayerCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+  K, H = config.num_key_value_heads, config.head_size
+  layer = lambda: LayerCache(k=jnp.zeros((batch, K, H, max_length), dtype),  # keys transposed
+                             v=jnp.zeros((batch, K, max_length, H), dtype))
   return KVCache(
       layers=tuple(layer() for _ in range(config.num_hidden_layers)),
       valid_BS=jnp.zeros((batch, max_length), bool),
