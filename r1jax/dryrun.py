@@ -16,8 +16,10 @@ come from the same logical rules the trainers use, laid over an
   set the FLOPs (active minus an untied input-embedding lookup).
 - bytes per device of params, Adam moments (sharded like their params),
   gradients (the params' dtype and sharding), the GRPO reference policy and
-  the model state, from each leaf's per-device shard (dimensions that do not
-  divide their mesh axes count padded and are listed in `indivisible`).
+  the model state, from each leaf's per-device shard. A dimension that does
+  not divide its mesh axes is sharded over the axes that do divide it, as the
+  trainers place it (r1jax.parallel.mesh.divisible_spec), and is listed in
+  `indivisible`.
 - activations per micro-batch per device: the tensors one training step keeps
   for the backward pass (`activation_formula`), tokens split over the batch
   axes (data x fsdp), head/ffn widths over `tensor`.
@@ -99,7 +101,8 @@ def abstract_mesh(sizes: Mapping[str, int]) -> AbstractMesh:
                       axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
-def abstract_state(model, tx: optax.GradientTransformation, mesh: AbstractMesh, rules):
+def abstract_state(model, tx: optax.GradientTransformation, mesh: AbstractMesh, rules,
+                   notes: list | None = None):
   """(params, Adam-style optimizer state, model state) as sharded ShapeDtypeStructs.
 
   Params and model state: r1jax.trainers.state.abstract_train_state (the
@@ -107,7 +110,7 @@ def abstract_state(model, tx: optax.GradientTransformation, mesh: AbstractMesh, 
   take their params' shardings; the rest (counts) is replicated.
   """
   from r1jax.trainers.state import abstract_train_state
-  state = abstract_train_state(model, tx, mesh, rules)
+  state = abstract_train_state(model, tx, mesh, rules, notes)
   rep = NamedSharding(mesh, PartitionSpec())
   sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   opt_state = optax.tree_map_params(
@@ -272,9 +275,9 @@ def plan(model_fields: Mapping[str, Any], mesh_axes: Mapping[str, int], num_devi
   sizes = resolve_mesh(mesh_axes, num_devices)
   mesh = abstract_mesh(sizes)
   tx = optax.adamw(1e-4)  # the trainers' AdamW: two moments per param, one count
-  params, opt_state, model_state = abstract_state(model, tx, mesh, rules)
+  indivisible: list[str] = []  # dimensions sharded over fewer axes than the rules say
+  params, opt_state, model_state = abstract_state(model, tx, mesh, rules, indivisible)
   counts = count_params(model, params)
-  indivisible: list[str] = []
   b_params = tree_bytes(params, sizes, indivisible, "params")
   b_opt = tree_bytes(opt_state, sizes)
   b_state = tree_bytes(model_state, sizes)

@@ -77,6 +77,17 @@ def test_tensor_axis_and_remat_shrink_the_right_terms():
   assert remat["bytes_per_device"]["params"] == base["bytes_per_device"]["params"]
   odd = dryrun.plan(fields, {"data": 3}, 3, _sft(rows=8))  # 8 rows over 3 devices
   assert any(s.startswith("batch: 8 rows") for s in odd["indivisible"]), odd["indivisible"]
+  # A vocabulary that does not divide the tensor axis stays whole on it (as the
+  # trainers place it) and is named; the bytes count the whole embedding.
+  v = dryrun.plan(dict(fields, vocab_size=641), {"data": 4, "tensor": 2}, 8, _sft())
+  v0 = dryrun.plan(dict(fields, vocab_size=644), {"data": 4, "tensor": 2}, 8, _sft())
+  D = fields["hidden_size"]
+  assert v["indivisible"] == [
+      f"['embed_tokens']['embedding'] (641, {D}): dim 0 (641) not divisible by tensor=2: "
+      "sharded over nothing"]
+  assert v0["indivisible"] == []
+  assert v["bytes_per_device"]["params"] - v0["bytes_per_device"]["params"] == \
+      4 * (641 * D - 644 * D // 2)
 
 
 def test_flops_follow_6nt_plus_attention():

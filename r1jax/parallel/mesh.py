@@ -96,12 +96,14 @@ def divisible_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> tuple[P, list[s
   return P(*entries), notes
 
 
-def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> Any:
+def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES,
+                      notes: list | None = None) -> Any:
   """NamedShardings (unboxed) for a pytree of logically-partitioned abstract values.
 
   Where a dimension does not divide its mesh axes (an odd vocabulary or expert
   count), that dimension is sharded over fewer axes (`divisible_spec`) and a
-  warning names the param, instead of failing at placement.
+  warning names the param (also appended to `notes`), instead of failing at
+  placement.
   """
   specs = nn.get_partition_spec(abstract_boxed)
   shardings = nn.unbox(nn.logical_to_mesh_sharding(specs, mesh, rules))
@@ -110,10 +112,13 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules=DEFAULT_RULES) -> A
       abstract_boxed, is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata))
 
   def fit(path, sharding, shape):
-    spec, notes = divisible_spec(sharding.spec, shape.shape, mesh)
-    for note in notes:
-      logging.warning("sharding %s %s: %s", jax.tree_util.keystr(path), tuple(shape.shape), note)
-    return sharding if not notes else NamedSharding(mesh, spec, memory_kind=sharding.memory_kind)
+    spec, cut = divisible_spec(sharding.spec, shape.shape, mesh)
+    for note in cut:
+      where = f"{jax.tree_util.keystr(path)} {tuple(shape.shape)}"
+      logging.warning("sharding %s: %s", where, note)
+      if notes is not None:
+        notes.append(f"{where}: {note}")
+    return sharding if not cut else NamedSharding(mesh, spec, memory_kind=sharding.memory_kind)
 
   return jax.tree_util.tree_map_with_path(fit, shardings, shapes)
 

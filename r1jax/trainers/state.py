@@ -83,15 +83,16 @@ def create_train_state(model, tx: optax.GradientTransformation, mesh: Mesh, seed
 
 
 def abstract_train_state(model, tx: optax.GradientTransformation, mesh: Mesh,
-                         rules=DEFAULT_RULES) -> TrainState:
+                         rules=DEFAULT_RULES, notes: list | None = None) -> TrainState:
   """The TrainState as sharded ShapeDtypeStructs: nothing is allocated.
 
   For models too large for the host (dry runs, `jit(...).lower` checks of the
   real presets): same shapes and shardings `create_train_state` would build.
+  `notes` collects the params whose dimensions do not divide their mesh axes.
   """
   variables = jax.eval_shape(lambda: _init_variables(model, jax.random.key(0)))
   boxed = variables.pop("params")
-  shardings = nn.unbox(logical_shardings(boxed, mesh, rules))
+  shardings = nn.unbox(logical_shardings(boxed, mesh, rules, notes))
   params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.unbox(boxed), shardings)
   rep = replicated(mesh)
