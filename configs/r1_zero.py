@@ -131,6 +131,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.stop_pieces = ("</answer>",)  # generation stops after these (and EOS)
   c.grpo.updates_per_rollout = 1  # mu: epochs over each rollout batch (1 = exactly on-policy)
   c.grpo.num_minibatches = 1  # optimizer steps per epoch (the batch split by prompts)
+  # Gradient accumulation inside one optimizer step: each mini-batch's rows in
+  # this many chunks, one chunk's activations at a time (dense models).
+  c.grpo.micro_batches = 1
   c.grpo.accuracy_weight = 1.0  # reward = accuracy_weight * accuracy + format_weight * format
   c.grpo.format_weight = 0.5
   # Partial credit per well-placed tag: gives a weak base non-zero reward variance

@@ -226,3 +226,47 @@ def test_jit_matches_eager():
   eager, _ = module.apply({}, logp, old, ref, adv, mask, truncated)
   jitted, _ = jax.jit(module.apply)({}, logp, old, ref, adv, mask, truncated)
   np.testing.assert_allclose(float(jitted), float(eager), rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Gradient accumulation: micro-batches weighted by their share of the normaliser.
+# ---------------------------------------------------------------------------
+
+# The two normalisers that differ between chunks (kept sequences, kept tokens;
+# truncated rows are masked out, so some chunks hold fewer of either).
+@pytest.mark.parametrize("aggregation", ["seq_mean_token_mean", "token_mean"])
+def test_micro_batched_step_equals_one_pass(aggregation):
+  import optax
+  from r1jax.models.config import ModelConfig
+  from r1jax.models.transformer import Transformer
+  from r1jax.parallel.mesh import make_mesh
+  from r1jax.trainers import grpo
+  from r1jax.trainers.state import create_train_state
+  model = Transformer(ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64))
+  mesh = make_mesh({"data": 1}, devices=jax.devices()[:1])
+  tx = optax.sgd(0.5)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(2, 61, n).tolist() for n in (3, 7, 5, 4)]
+  G, N = 2, 6
+  lengths = rng.integers(1, N + 1, 8).astype(np.int32)
+  lengths[3] = N
+  batch = grpo.build_batch(prompts, G, rng.integers(2, 61, (8, N)).astype(np.int32),
+                           rng.normal(-4.0, 0.3, (8, N)).astype(np.float32), lengths,
+                           lengths < N, rng.normal(0, 1, 8).astype(np.float32), pad_id=0)
+  loss = grpo.GRPOLoss(beta=0.0, loss_aggregation=aggregation, max_completion_length=N,
+                       mask_truncated=True)
+  out = {}
+  for m in (1, 4):
+    state, _ = create_train_state(model, tx, mesh, 0)
+    step = jax.jit(lambda s, b, m=m: grpo.grpo_train_step(s, b, model=model, loss=loss, tx=tx,
+                                                         temperature=1.0, micro_batches=m))
+    new, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+    out[m] = (float(metrics["loss"]), jax.device_get(new.params), jax.device_get(state.params))
+  assert abs(out[1][0] - out[4][0]) < 1e-6, (out[1][0], out[4][0])
+  moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(out[1][1]),
+                                                         jax.tree.leaves(out[1][2])))
+  assert moved > 1e-3
+  for a, b in zip(jax.tree.leaves(out[1][1]), jax.tree.leaves(out[4][1])):
+    np.testing.assert_allclose(a, b, atol=2e-6)

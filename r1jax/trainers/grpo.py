@@ -113,18 +113,39 @@ def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: 
   return terms.logp, jax.lax.stop_gradient(terms.entropy)
 
 
+def _chunk_weights(loss: GRPOLoss, batch: dict[str, jax.Array], micro_batches: int) -> jax.Array:
+  """Each micro-batch's share of the whole batch's loss normaliser, so that the
+  weighted sum of the micro-batch losses (and gradients) is the batch's: kept
+  tokens (token_mean), non-empty sequences (seq_mean_token_mean) or rows."""
+  keep_BT = batch["mask"].astype(bool)
+  if loss.mask_truncated:
+    keep_BT = keep_BT & ~batch["truncated"].astype(bool)[:, None]
+  keep_MR = keep_BT.reshape(micro_batches, -1, keep_BT.shape[1]).astype(jnp.float32)
+  if loss.loss_aggregation == "token_mean":
+    per_M = jnp.sum(keep_MR, axis=(1, 2))
+  elif loss.loss_aggregation == "seq_mean_token_mean":
+    per_M = jnp.sum(jnp.max(keep_MR, axis=2), axis=1)
+  else:
+    per_M = jnp.ones((micro_batches,), jnp.float32)
+  return per_M / jnp.maximum(jnp.sum(per_M), 1.0)
+
+
 def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, loss: GRPOLoss,
-                    tx: optax.GradientTransformation, temperature: float, impl: str = "auto"
-                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+                    tx: optax.GradientTransformation, temperature: float, impl: str = "auto",
+                    micro_batches: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the GRPO loss; skips non-finite updates (as sft.train_step).
 
   The loss goes from the final hidden states to the per-token terms through the
   `impl` kernel (r1jax.kernels): with `chunked`/`pallas` the logits are never
   materialised. An MoE model adds its balance loss to the objective (`loss`
   stays the GRPO loss) and moves its router biases after the update (model_aux).
+  `micro_batches` > 1 accumulates the gradient over that many row chunks in a
+  scan (activations of one chunk at a time: G x length never has to fit at
+  once); each chunk is weighted by its share of the loss normaliser, so the
+  update equals the one-pass update (dense models).
   """
 
-  def loss_fn(params):
+  def loss_fn(params, batch):
     hidden_BTD, w_DV, extras = _policy_forward(params, state.model_state, batch, model=model)
     value, metrics = loss.apply({}, hidden_BTD, w_DV, batch["tokens"][:, 1:], batch["old_logp"],
                                 batch.get("ref_logp"), batch["advantages"], batch["mask"],
@@ -134,8 +155,28 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
     objective = value if aux is None else value + aux
     return objective, (value, metrics, extras, aux_metrics)
 
-  (objective, (value, metrics, extras, aux_metrics)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  if micro_batches == 1:
+    (objective, (value, metrics, extras, aux_metrics)), grads = grad_fn(state.params, batch)
+  else:
+    if model_aux.state_collections(model):
+      raise ValueError("micro_batches > 1 is for dense models: the MoE router statistics "
+                       "of the chunks are not combined yet")
+    weights_M = _chunk_weights(loss, batch, micro_batches)
+    chunks = jax.tree.map(lambda x: x.reshape(micro_batches, -1, *x.shape[1:]), batch)
+
+    def one(chunk):
+      (objective, (value, metrics, _, _)), grads = grad_fn(state.params, chunk)
+      return objective, value, metrics, grads
+
+    def accumulate(carry, chunk_and_weight):
+      chunk, w = chunk_and_weight
+      return jax.tree.map(lambda acc, x: acc + w * x, carry, one(chunk)), None
+
+    first = jax.tree.map(lambda x: x[0], chunks)
+    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(one, first))
+    (objective, value, metrics, grads), _ = jax.lax.scan(accumulate, zeros, (chunks, weights_M))
+    extras, aux_metrics = {}, {}
   new_state, guard = apply_gradients(
       state, grads, objective, tx,
       model_state=model_aux.update_model_state(model, state.model_state, extras))
@@ -302,6 +343,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   loss = make_loss(gc)
   impl = impl_from_config(config)
   step_fn = functools.partial(grpo_train_step, model=model, loss=loss, tx=tx,
+                              micro_batches=gc.get("micro_batches", 1),
                               temperature=gc.temperature, impl=impl)
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
   sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
