@@ -17,27 +17,34 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# (model case of the driver, mesh axis sizes, also run the sampler on it).
-CASES = [
-    ("dense", {"data": 8}, False),
-    ("dense", {"data": 2, "fsdp": 4}, False),
-    ("dense", {"fsdp": 2, "tensor": 4}, True),
-    ("dense", {"data": 2, "expert": 4}, False),
-    ("moe", {"data": 8}, False),
-    ("moe", {"data": 2, "fsdp": 4}, False),
-    ("moe", {"fsdp": 2, "tensor": 4}, False),
-    ("moe", {"data": 2, "expert": 4}, True),
-]
-TOL = 1e-5
-
-
 def _key(case):
   return f"{case[0]}:{json.dumps(case[1], sort_keys=True)}"
 
 
+# (model case of the driver, mesh axis sizes, also run the sampler on it).
+# CI runs the four cases that cover every axis and both models; --runslow
+# runs all eight (each model on each of the four meshes).
+CASES = [
+    ("dense", {"data": 2, "fsdp": 4}, False),
+    ("dense", {"fsdp": 2, "tensor": 4}, True),
+    ("moe", {"fsdp": 2, "tensor": 4}, False),
+    ("moe", {"data": 2, "expert": 4}, True),
+]
+SLOW_CASES = [
+    ("dense", {"data": 8}, False),
+    ("dense", {"data": 2, "expert": 4}, False),
+    ("moe", {"data": 8}, False),
+    ("moe", {"data": 2, "fsdp": 4}, False),
+]
+ALL = [pytest.param(c, id=_key(c)) for c in CASES] + [
+    pytest.param(c, id=_key(c), marks=pytest.mark.slow) for c in SLOW_CASES]
+TOL = 1e-5
+
+
 @pytest.fixture(scope="module")
-def results():
+def results(request):
   """Runs the driver twice side by side (SFT + sampler, GRPO) and merges the cases."""
+  cases = CASES + (SLOW_CASES if request.config.getoption("--runslow") else [])
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
              # LLVM's optimisation level does not touch the SPMD partitioning under
              # test; level 0 halves the compile time of the programs.
@@ -45,7 +52,7 @@ def results():
                        "--xla_backend_optimization_level=0")
   procs = [subprocess.Popen(
       [sys.executable, os.path.join(REPO, "tests", "mesh_equivalence_driver.py"),
-       json.dumps(CASES), json.dumps(kinds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+       json.dumps(cases), json.dumps(kinds)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
       text=True, cwd=REPO, env=env) for kinds in (["sft", "sample"], ["grpo"])]
   merged = {}
   try:
@@ -63,7 +70,7 @@ def results():
   return merged
 
 
-@pytest.mark.parametrize("case", CASES, ids=_key)
+@pytest.mark.parametrize("case", ALL)
 def test_sharded_step_equals_single_device(results, case):
   r = results[_key(case)]
   for kind in ("sft", "grpo"):
@@ -78,7 +85,7 @@ def test_sharded_step_equals_single_device(results, case):
     assert len(set(r["sample_lengths"])) > 1  # rows stopped at different steps
 
 
-@pytest.mark.parametrize("case", CASES, ids=_key)
+@pytest.mark.parametrize("case", ALL)
 def test_params_are_sharded_as_the_rules_say(results, case):
   r = results[_key(case)]
   assert {k: v for k, v in r["mesh"].items() if v > 1} == case[1]
@@ -86,14 +93,14 @@ def test_params_are_sharded_as_the_rules_say(results, case):
     assert r[f"{kind}_layout_errors"] == [], "\n".join(r[f"{kind}_layout_errors"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=_key)
+@pytest.mark.parametrize("case", ALL)
 def test_adam_moments_are_sharded_like_their_params(results, case):
   r = results[_key(case)]
   for kind in ("sft", "grpo"):
     assert r[f"{kind}_opt_layout_errors"] == [], "\n".join(r[f"{kind}_opt_layout_errors"])
 
 
-@pytest.mark.parametrize("case", CASES, ids=_key)
+@pytest.mark.parametrize("case", ALL)
 def test_three_steps_compile_once_on_a_mesh(results, case):
   r = results[_key(case)]
   assert r["sft_compiles"] == 1 and r["grpo_compiles"] == 1, r
