@@ -48,7 +48,7 @@ import numpy as np
 from r1jax.models.layers import MLP, Einsum, RMSNorm, param_init
 from r1jax.models.mla import MLA, MLACache
 from r1jax.models.moe import BIAS, STATE, MoE
-from r1jax.models.transformer import KVCache, _cache_mask, _training_mask
+from r1jax.models.transformer import KVCache, _cache_mask, _training_mask, output_logits
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 DISPATCH = ("dropless", "capacity")
@@ -299,15 +299,7 @@ class DeepseekV3(nn.Module):
         layers=tuple(new_layers), valid_BS=new_valid, index=cache.index + T)
     if return_hidden:
       return x_BTD, new_cache
-    if c.tie_word_embeddings:
-      logits_BTV = embed.attend(x_BTD)
-    else:
-      logits_BTV = Einsum("BTD,DV->BTV", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                          c, name="lm_head")(x_BTD)
-    logits_BTV = nn.with_logical_constraint(
-        logits_BTV.astype(jnp.float32),
-        ("activation_batch", "activation_length", "activation_vocab"))
-    return logits_BTV, new_cache
+    return output_logits(c, embed, x_BTD), new_cache
 
 
 # ---------------------------------------------------------------------------

@@ -139,14 +139,19 @@ class Transformer(nn.Module):
         layers=tuple(new_layers), valid_BS=new_valid, index=cache.index + T)
     if return_hidden:
       return x_BTD, new_cache
-    if c.tie_word_embeddings:
-      logits_BTV = embed.attend(x_BTD)
-    else:
-      logits_BTV = Einsum("BTD,DV->BTV", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
-                          c, name="lm_head")(x_BTD)
-    logits_BTV = nn.with_logical_constraint(
-        logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
-    return logits_BTV, new_cache
+    return output_logits(c, embed, x_BTD), new_cache
+
+
+def output_logits(c, embed: nn.Embed, x_BTD: jax.Array) -> jax.Array:
+  """Float32 logits [B, T, V] of the final normed hidden states: the tied
+  embedding or the `lm_head` (created in the calling module's compact scope)."""
+  if c.tie_word_embeddings:
+    logits_BTV = embed.attend(x_BTD)
+  else:
+    logits_BTV = Einsum("BTD,DV->BTV", (c.hidden_size, c.vocab_size), ("embed", "vocab"),
+                        c, name="lm_head")(x_BTD)
+  return nn.with_logical_constraint(
+      logits_BTV.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
 
 
 def output_weights_DV(config: ModelConfig, params) -> jax.Array:
