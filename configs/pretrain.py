@@ -52,6 +52,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # prompted with the template, the base mostly skips the steps (and is then
   # mostly wrong); R1-Zero's RL has to find out that reasoning pays.
   c.data.direct_fraction = 0.85
+  # Share of reasoning documents that make a wrong step, reflect ("Wait, let me
+  # check ...") and fix it (issue 11: does RL amplify reflection?). 0 = none.
+  c.data.self_correct_fraction = 0.0
   c.data.seq_len = 256  # tokens per packed row
   c.data.batch_size = 16  # rows per step
 
