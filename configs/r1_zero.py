@@ -24,6 +24,7 @@ import os
 import ml_collections
 
 from r1jax.models.build import get_preset
+from r1jax.trainers import ppo
 
 REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
 TINY_PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe")
@@ -101,6 +102,9 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.model = c.pretrain.model.to_dict()  # ModelConfig fields; must match the base
 
   c.grpo = ml_collections.ConfigDict()
+  # grpo (group-relative advantages, no critic) | ppo (a critic + GAE on the same
+  # loop and rollouts, the DeepSeekMath baseline; settings in c.ppo)
+  c.grpo.algorithm = "grpo"
   c.grpo.num_steps = 3 if smoke else 40  # rollouts (each followed by updates_per_rollout updates)
   c.grpo.prompts_per_step = 4 if smoke else 16  # B: problems drawn per step (train split)
   c.grpo.levels = (1, 2, 3, 4)  # difficulty levels drawn from, in equal shares
@@ -149,6 +153,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.num_samples_logged = 8  # completions per sample table
   c.grpo.eval_every = 0 if smoke else 20  # steps between held-out evals during training; 0 = off
   c.grpo.eval_num_problems = 8 if smoke else 64  # the first n held-out problems of c.eval
+
+  c.ppo = ppo.default_config()  # used when grpo.algorithm == "ppo"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.impl = "auto"  # log-prob kernel: auto (pallas on one TPU, else chunked) | reference (full logits) | chunked | pallas

@@ -43,3 +43,14 @@ def init_from_policy(policy_params, hidden_size: int) -> dict:
   return {"backbone": policy_params,
           "score": {"kernel": jnp.zeros((hidden_size, 1), jnp.float32),
                     "bias": jnp.zeros((1,), jnp.float32)}}
+
+
+class ValueHead(nn.Module):
+  """value_BT = w · hidden_BTD + b at every position: PPO's critic head on a
+  decoder backbone (r1jax.trainers.ppo). Starts at zero, like the score head."""
+
+  @nn.compact
+  def __call__(self, hidden_BTD: jax.Array) -> jax.Array:
+    value = nn.Dense(1, kernel_init=nn.initializers.zeros, dtype=jnp.float32,
+                     param_dtype=jnp.float32, name="value")
+    return value(hidden_BTD.astype(jnp.float32))[..., 0]

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import resource
 import time
 from typing import Any, Sequence
 
@@ -31,13 +32,12 @@ from r1jax.eval.dynamics import step_dynamics
 from r1jax.errors import ConfigError
 from r1jax.kernels import impl_from_config, token_logprobs_and_clip
 from r1jax.losses.grpo import GRPOLoss, group_advantages
-from r1jax.models.transformer import output_weights_DV
 from r1jax.parallel import distributed
 from r1jax.parallel.mesh import DEFAULT_RULES, batch_sharding, mesh_rules
 from r1jax.rewards import (RewardRunner, accuracy_reward_fn, code_reward_fn, format_reward_fn,
                            tag_count_reward_fn)
 from r1jax.sampling.sampler import SamplingConfig, sample
-from r1jax.trainers import model_aux
+from r1jax.trainers import model_aux, ppo
 from r1jax.trainers.metrics import MetricsWriter, plot_curves, truncate_jsonl
 from r1jax.trainers.optim import learning_rate_schedule
 from r1jax.trainers.sft import NonFiniteError, StopOnSignal, jit_train_step
@@ -82,19 +82,12 @@ def build_batch(prompts: Sequence[Sequence[int]], group_size: int, tokens_BN: np
 # Step.
 # ---------------------------------------------------------------------------
 
-def _policy_forward(params, model_state, batch: dict[str, jax.Array], *, model):
-  """(hidden_BTD at every position but the last, w_DV, the model's extras)."""
-  hidden_BTD, extras = model_aux.forward(model, params, model_state or {}, batch)
-  w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
-  return hidden_BTD[:, :-1], w_DV, extras
-
-
 def policy_hidden(params, batch: dict[str, jax.Array], *, model, model_state=None
                   ) -> tuple[jax.Array, jax.Array]:
   """Final normed hidden states at every position but the last, and the output projection.
 
   `model_state`: the model's non-param collections (MoE router biases), if any."""
-  return _policy_forward(params, model_state, batch, model=model)[:2]
+  return model_aux.policy_forward(model, params, model_state, batch)[:2]
 
 
 def policy_logprobs(params, batch: dict[str, jax.Array], *, model, temperature: float,
@@ -146,7 +139,7 @@ def grpo_train_step(state: TrainState, batch: dict[str, jax.Array], *, model, lo
   """
 
   def loss_fn(params, batch):
-    hidden_BTD, w_DV, extras = _policy_forward(params, state.model_state, batch, model=model)
+    hidden_BTD, w_DV, extras = model_aux.policy_forward(model, params, state.model_state, batch)
     value, metrics = loss.apply({}, hidden_BTD, w_DV, batch["tokens"][:, 1:], batch["old_logp"],
                                 batch.get("ref_logp"), batch["advantages"], batch["mask"],
                                 batch["truncated"], temperature=temperature, impl=impl,
@@ -275,10 +268,13 @@ def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int, task: lis
   return datasets.StepBatches(task, gc.prompts_per_step, seed).batch(step)
 
 
-def _ckpt_tree(state: TrainState, ref_params: Any, ref_model_state: Any = None) -> dict:
+def _ckpt_tree(state: TrainState, ref_params: Any, ref_model_state: Any = None,
+               critic: Any = None) -> dict:
   tree = {"state": state} if ref_params is None else {"state": state, "ref": ref_params}
   if ref_params is not None and ref_model_state:  # the reference's router biases (MoE)
     tree["ref_model_state"] = ref_model_state
+  if critic is not None:  # PPO's critic (grpo.algorithm == "ppo")
+    tree["critic"] = critic
   return tree
 
 
@@ -318,6 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   """
   gc, tc = config.grpo, config.train
   G, mu = gc.num_generations, gc.updates_per_rollout
+  algorithm = ppo.check_config(gc)
   task = load_task(gc, tokenizer, model.config.max_position_embeddings)  # bad input fails first
   num_mb = gc.get("num_minibatches", 1)
   mu_total = updates_per_step(gc)
@@ -329,19 +326,27 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   use_ref = gc.beta > 0
   ref_params = jax.tree.map(jnp.copy, init_params) if use_ref else None
   ref_model_state = jax.tree.map(jnp.copy, state.model_state) if use_ref else None
+  impl = impl_from_config(config)
+  critic = None
+  if algorithm == "ppo":  # a second model: the critic (r1jax.trainers.ppo)
+    critic = ppo.Critic(config, model=model, mesh=mesh, tx=tx, init_params=init_params,
+                        init_model_state=init_model_state, policy_shardings=shardings,
+                        num_updates=num_updates, impl=impl, rules=rules)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                       save_every=tc.checkpoint_every)
   start = 0
   if ckpt.latest_step() is not None:
-    tree, meta = ckpt.restore(abstract_like(_ckpt_tree(state, ref_params, ref_model_state)))
+    tree, meta = ckpt.restore(abstract_like(
+        _ckpt_tree(state, ref_params, ref_model_state, critic and critic.state)))
     state, ref_params = tree["state"], tree.get("ref")
     ref_model_state = tree.get("ref_model_state", ref_model_state)
+    if critic is not None:
+      critic.state = tree["critic"]
     start = int(meta["grpo_step"])
     if int(state.step) != start * mu_total:
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
 
   loss = make_loss(gc)
-  impl = impl_from_config(config)
   step_fn = functools.partial(grpo_train_step, model=model, loss=loss, tx=tx,
                               micro_batches=gc.get("micro_batches", 1),
                               temperature=gc.temperature, impl=impl)
@@ -408,6 +413,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         # Update.
         host = build_batch(prompts, G, np.asarray(out.tokens), np.asarray(out.logprobs),
                            lengths, np.asarray(out.finished), advantages, pad_id=tokenizer.pad_id)
+        if critic is not None:
+          host["rewards"] = total_N.astype(np.float32)
         # Old log-probs are the sampler's (taken at sampling time), so with
         # mu > 1 or several mini-batches the later updates are off-policy and
         # the ratio moves away from 1 where clipping acts.
@@ -419,10 +426,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
             mb["ref_logp"] = reference_logprobs(ref_params, mb, model=model,
                                                 temperature=gc.temperature, impl=impl,
                                                 ref_model_state=ref_model_state)
+        if critic is not None:  # PPO: per-token advantages from the critic (GAE)
+          parts = [critic.prepare(mb) for mb in parts]
         step_metrics = []
         for _ in range(mu):
           for mb in parts:
-            state, metrics = jitted(state, mb)
+            state, metrics = jitted(state, mb) if critic is None else critic.step(state, mb)
             step_metrics.append(metrics)
         step_metrics = jax.device_get(step_metrics)
         m = {k: float(np.mean([x[k] for x in step_metrics])) for k in step_metrics[0]}
@@ -462,6 +471,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
             "learning_rate": float(lr_at(done * mu_total - 1)),
             "time/sampling_s": t_sample,
             "time/training_s": t_train,
+            # What the run holds (policy, Adam, reference, critic) and the process's peak RSS.
+            "memory/state_mib": ppo.tree_bytes(
+                _ckpt_tree(state, ref_params, ref_model_state, critic and critic.state)) / 2**20,
+            "memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         })
         eval_every = gc.get("eval_every", 0)
         if evaluate_fn is not None and eval_every and done % eval_every == 0 and done < gc.num_steps:
@@ -477,7 +490,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
               f.write(json.dumps(dict(step=done, prompt=problems[i // G].question,
                                       gold=problems[i // G].answer, completion=completions[i],
                                       reward=float(total_N[i]))) + "\n")
-        ckpt.save(done, _ckpt_tree(state, ref_params, ref_model_state), {"grpo_step": done},
+        ckpt.save(done, _ckpt_tree(state, ref_params, ref_model_state, critic and critic.state),
+                  {"grpo_step": done},
                   force=stop.requested or done == gc.num_steps)
         if stop.requested:
           bar.write(f"stop signal received: saved step {done}, exiting")

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from r1jax.losses.sft import hidden_cross_entropy
 from r1jax.models import moe
+from r1jax.models.transformer import output_weights_DV
 from r1jax.trainers.state import state_collections
 
 MTP = "mtp"
@@ -43,6 +44,15 @@ def forward(model, params, model_state, batch: dict[str, jax.Array], *, mtp: boo
   (hidden_BTD, _), extras = model.apply({"params": params, **model_state}, *args,
                                         return_hidden=True, mutable=collections)
   return hidden_BTD, extras
+
+
+def policy_forward(model, params, model_state, batch: dict[str, jax.Array]
+                   ) -> tuple[jax.Array, jax.Array, dict]:
+  """(hidden_BTD at every position but the last, the output projection w_DV,
+  the model's extras): what the RL losses need, logits never built."""
+  hidden_BTD, extras = forward(model, params, model_state or {}, batch)
+  w_DV = output_weights_DV(model.config, params).astype(model.config.dtype)
+  return hidden_BTD[:, :-1], w_DV, extras
 
 
 def mtp_targets(targets_BT: jax.Array, weights_BT: jax.Array, k: int):
