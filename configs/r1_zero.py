@@ -24,6 +24,7 @@ import os
 import ml_collections
 
 from r1jax.models.build import get_preset
+from r1jax.data import curriculum
 from r1jax.trainers import ppo
 
 REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
@@ -108,6 +109,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.num_steps = 3 if smoke else 40  # rollouts (each followed by updates_per_rollout updates)
   c.grpo.prompts_per_step = 4 if smoke else 16  # B: problems drawn per step (train split)
   c.grpo.levels = (1, 2, 3, 4)  # difficulty levels drawn from, in equal shares
+  # Which levels each step draws (uniform | fixed stages | adaptive) and DAPO
+  # dynamic sampling (drop all-right / all-wrong groups, draw more prompts);
+  # r1jax/data/curriculum.py. Its state is saved with each checkpoint.
+  c.grpo.curriculum = curriculum.default_config()
   # A jsonl task file (question/problem/prompt + answer, or code tests) replaces
   # the tiny-world problems; "" = tiny world. See r1jax/data/jsonl.py. Code
   # tasks run every test in the sandbox: give reward_timeout_s room for them.

@@ -55,9 +55,8 @@ class DatasetError(UserError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetProblem(jsonl.TaskProblem):
-  """A problem read back from a dataset (a TaskProblem plus level and language)."""
+  """A problem read back from a dataset (a TaskProblem plus its language)."""
 
-  level: int = 0
   lang: str = ""
 
 

@@ -5,7 +5,9 @@ the file, the line and the field at fault.
 
 A line is a JSON object with a question (`question`, `problem` or `prompt`)
 and either a gold answer (`answer`) or code tests (`tests`, see
-r1jax.rewards.code.parse_tests). A gold answer is normalised to what the
+r1jax.rewards.code.parse_tests), and optionally a difficulty `level` (or
+`difficulty`: an integer >= 1, or MATH's "Level 3"; for curricula,
+r1jax.data.curriculum). A gold answer is normalised to what the
 accuracy reward compares with: the text after `#### ` (GSM8K solutions), the
 last `\\boxed{}` of a solution, or a number (27.0 -> "27"); an answer that
 neither parses as a number nor as LaTeX math is *unverifiable*: the problem is
@@ -32,6 +34,7 @@ from typing import Optional, Sequence
 from r1jax.errors import UserError
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
+LEVEL_FIELDS = ("level", "difficulty")
 ON_ERROR = ("raise", "skip")
 _LOGGED_SKIPS = 5  # malformed lines logged one by one; the rest only counted
 # math-verify reads any word as a product of symbols ("None" -> E*n*n*o), so
@@ -54,6 +57,7 @@ class TaskProblem:
   answer: str  # normalised gold answer, or the code tests as JSON
   source: str  # "<path>:<line>"
   kind: str  # "math" | "code"
+  level: int = 0  # difficulty from the row's `level` / `difficulty` (>= 1); 0: none given
 
 
 def gold_answer(value, *, where: str = "answer") -> str:
@@ -86,6 +90,23 @@ def gold_answer(value, *, where: str = "answer") -> str:
                    "parseable math")
 
 
+def _level(row: dict, where: str) -> int:
+  """The row's difficulty level (>= 1), 0 if it has none; JsonlError naming the field."""
+  field = next((f for f in LEVEL_FIELDS if f in row), None)
+  if field is None:
+    return 0
+  value = row[field]
+  if isinstance(value, str):  # MATH writes "Level 3"
+    m = re.fullmatch(r"\s*(?:level\s*)?(\d+)\s*", value, re.IGNORECASE)
+    value = int(m.group(1)) if m else value
+  elif isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise JsonlError(f"{where}: field {field!r} must be an integer level >= 1, got "
+                     f"{json.dumps(row[field])}")
+  return value
+
+
 def _decode(raw: bytes, where: str) -> str:
   try:
     return raw.decode("utf-8")
@@ -112,7 +133,7 @@ def parse_line(raw: bytes, where: str, *, question_fields: Sequence[str] = QUEST
     raise JsonlError(f"{where}: field {qf!r} must be a non-empty string")
   if answer_field not in row and tests_field not in row:
     raise JsonlError(f"{where}: field {answer_field!r} missing (or {tests_field!r} for code)")
-  return dict(row, _question_field=qf)
+  return dict(row, _question_field=qf, _level=_level(row, where))
 
 
 def load_problems(path: str, *, on_error: str = "raise", limit: Optional[int] = None,
@@ -167,7 +188,8 @@ def load_problems(path: str, *, on_error: str = "raise", limit: Optional[int] = 
           logging.warning("skipping problem with an unverifiable gold answer: %s: %s", where, e)
         continue
       uid = str(row["id"]) if "id" in row else f"{path.rsplit('/', 1)[-1]}:{lineno}"
-      problems.append(TaskProblem(uid, row[row["_question_field"]].strip(), answer, where, kind))
+      problems.append(TaskProblem(uid, row[row["_question_field"]].strip(), answer, where, kind,
+                                  row["_level"]))
       counts["kept"] += 1
       if limit is not None and counts["kept"] >= limit:
         break

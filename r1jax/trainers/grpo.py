@@ -9,6 +9,7 @@ Sections: batch (host side) | step (pure functions) | loop.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -26,7 +27,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
-from r1jax.data import datasets, jsonl, tinyworld
+from r1jax.data import curriculum, datasets, jsonl, tinyworld
 from r1jax.data.templates import r1_zero_prompt
 from r1jax.eval.dynamics import step_dynamics
 from r1jax.errors import ConfigError
@@ -256,16 +257,70 @@ def load_task(gc: ml_collections.ConfigDict, tokenizer, max_positions: int) -> l
 
 def step_problems(gc: ml_collections.ConfigDict, seed: int, step: int, task: list | None = None
                   ) -> list:
-  """The problems of step `step`: a pure function of (seed, step) (and the task).
+  """The problems of step `step` without a curriculum: a pure function of (seed, step).
 
   Tiny world: freshly generated problems. Task file: the step's
   `prompts_per_step` (problem, prompt ids) pairs in an epoch-shuffled order
   (grain; every problem once per epoch; `datasets.StepBatches`).
   """
-  if task is None:
-    return tinyworld.generate_problems("train", gc.prompts_per_step, seed * 1_000_003 + step,
-                                       tuple(gc.levels))
-  return datasets.StepBatches(task, gc.prompts_per_step, seed).batch(step)
+  return curriculum.Curriculum(curriculum.default_config(),
+                               levels=gc.get("levels") or tinyworld.LEVELS,
+                               prompts_per_step=gc.prompts_per_step, seed=seed,
+                               task=task).draw(step)
+
+
+@dataclasses.dataclass
+class Rollout:
+  """Sampled groups: rows are groups x G completions, in group order."""
+  problems: list
+  texts: list  # prompt texts, one per group
+  prompts: list  # prompt ids, one per group
+  tokens: np.ndarray  # [rows, N]
+  logprobs: np.ndarray  # [rows, N]
+  lengths: np.ndarray  # [rows]
+  finished: np.ndarray  # [rows]
+  completions: list  # decoded, one per row
+  total: np.ndarray  # [rows] weighted sum of the rewards
+  per_fn: dict  # reward name -> [rows]
+  stats: dict  # reward means and error/timeout counts
+
+  def correct_BG(self, G: int) -> np.ndarray:
+    """0/1 task accuracy per completion (accuracy or code reward; else the total)."""
+    acc = self.per_fn.get("accuracy", self.per_fn.get("code", self.total))
+    return np.asarray(acc, np.float32).reshape(-1, G)
+
+
+def select_groups(rounds: Sequence[Rollout], num_groups: int, G: int) -> tuple[Rollout, dict]:
+  """DAPO dynamic sampling: the first `num_groups` groups with unequal
+  accuracies across `rounds`, topped up with equal-accuracy groups (zero
+  advantage) when the rounds ran out, so the batch keeps its shape.
+  Returns the selected rollout and curriculum/* counts."""
+  masks, right, wrong = zip(*(curriculum.informative_groups(r.correct_BG(G)) for r in rounds))
+  where = [(k, g) for k, mask in enumerate(masks) for g in range(len(mask))]
+  informative = [kg for kg in where if masks[kg[0]][kg[1]]]
+  chosen = (informative + [kg for kg in where if not masks[kg[0]][kg[1]]])[:num_groups]
+  N = max(r.tokens.shape[1] for r in rounds)
+  pad = lambda x: np.pad(x, ((0, 0), (0, N - x.shape[1])))
+  rows = lambda k, g: slice(g * G, (g + 1) * G)
+  pick = lambda f: [x for k, g in chosen for x in f(rounds[k])[rows(k, g)]]
+  stack = lambda f: np.concatenate([f(rounds[k])[rows(k, g)] for k, g in chosen])
+  stats = {}
+  for name in rounds[0].stats:  # counts add up over rounds, means average
+    values = [r.stats[name] for r in rounds]
+    stats[name] = sum(values) if name.endswith(("errors", "timeouts")) else float(np.mean(values))
+  picked = Rollout(
+      problems=[rounds[k].problems[g] for k, g in chosen],
+      texts=[rounds[k].texts[g] for k, g in chosen],
+      prompts=[rounds[k].prompts[g] for k, g in chosen],
+      tokens=stack(lambda r: pad(r.tokens)), logprobs=stack(lambda r: pad(r.logprobs)),
+      lengths=stack(lambda r: r.lengths), finished=stack(lambda r: r.finished),
+      completions=pick(lambda r: r.completions), total=stack(lambda r: r.total),
+      per_fn={name: stack(lambda r: r.per_fn[name]) for name in rounds[0].per_fn}, stats=stats)
+  counts = {"curriculum/rounds": float(len(rounds)),
+            "curriculum/dropped_all_right": float(sum(right)),
+            "curriculum/dropped_all_wrong": float(sum(wrong)),
+            "curriculum/informative_groups": min(len(informative), num_groups) / num_groups}
+  return picked, counts
 
 
 def _ckpt_tree(state: TrainState, ref_params: Any, ref_model_state: Any = None,
@@ -327,6 +382,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   ref_params = jax.tree.map(jnp.copy, init_params) if use_ref else None
   ref_model_state = jax.tree.map(jnp.copy, state.model_state) if use_ref else None
   impl = impl_from_config(config)
+  cc = gc.get("curriculum") or curriculum.default_config()
+  cur = curriculum.Curriculum(cc, levels=gc.levels, prompts_per_step=gc.prompts_per_step,
+                              seed=config.seed, task=task)
   critic = None
   if algorithm == "ppo":  # a second model: the critic (r1jax.trainers.ppo)
     critic = ppo.Critic(config, model=model, mesh=mesh, tx=tx, init_params=init_params,
@@ -342,6 +400,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
     ref_model_state = tree.get("ref_model_state", ref_model_state)
     if critic is not None:
       critic.state = tree["critic"]
+    if "curriculum" in meta:
+      cur.load_state_dict(meta["curriculum"])
     start = int(meta["grpo_step"])
     if int(state.step) != start * mu_total:
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
@@ -362,6 +422,37 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   samples_path = os.path.join(workdir, "samples.jsonl")
   if writer.enabled:
     truncate_jsonl(samples_path, start)
+
+  def rollout(state: TrainState, step: int, round_: int, key: jax.Array) -> Rollout:
+    """Round `round_` of step `step`: draw, sample G completions each, score."""
+    drawn = cur.draw(step, round_)
+    problems = [p for p, _ in drawn] if task else drawn
+    texts = [r1_zero_prompt(p.question) for p in problems]
+    prompts = [ids for _, ids in drawn] if task else [tokenizer.encode(t) for t in texts]
+    # The sampler runs on the trainer's sharded params; every host gets every
+    # completion back, scores its share and all-gathers the rewards.
+    out = distributed.fetch(sample(model, state.params, prompts,
+                                   jax.random.fold_in(key, round_) if round_ else key, sc,
+                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                                   model_state=state.model_state))
+    lengths = np.asarray(out.lengths)
+    completions = [tokenizer.decode(t[:n].tolist()) for t, n in zip(out.tokens, lengths)]
+    row_texts = [t for t in texts for _ in range(G)]
+    total_N, per_fn, reward_stats = distributed.score_on_hosts(
+        rewards, row_texts, completions, [p.answer for p in problems for _ in range(G)])
+    for name, (score_fn, weight) in (model_rewards or {}).items():
+      try:
+        values = np.asarray(score_fn(row_texts, completions), np.float32)
+        errors = 0
+      except Exception:  # pylint: disable=broad-except  (a reward never stops training)
+        logging.exception("GRPO step %d: model reward %s failed; it scores 0", step + 1, name)
+        values, errors = np.zeros(len(completions), np.float32), len(completions)
+      total_N = total_N + np.float32(weight) * values
+      reward_stats.update({f"rewards/{name}/mean": float(values.mean()),
+                           f"rewards/{name}/errors": errors, f"rewards/{name}/timeouts": 0})
+    return Rollout(problems, texts, prompts, np.asarray(out.tokens), np.asarray(out.logprobs),
+                   lengths, np.asarray(out.finished), completions, total_N, per_fn, reward_stats)
+
   with mesh_rules(mesh, rules):
     jitted = jit_train_step(step_fn, shardings, mesh)
     stop = StopOnSignal()
@@ -377,42 +468,31 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
         # Keys are folded by step, so a resumed run samples what it would have.
         sample_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), step)
 
-        # Rollout.
-        drawn = step_problems(gc, config.seed, step, task)
-        problems = [p for p, _ in drawn] if task else drawn
-        texts = [r1_zero_prompt(p.question) for p in problems]
-        prompts = [ids for _, ids in drawn] if task else [tokenizer.encode(t) for t in texts]
+        # Rollout: round 0, and with dynamic sampling more rounds of prompts
+        # until prompts_per_step groups carry a learning signal.
         t0 = time.perf_counter()
-        # The sampler runs on the trainer's sharded params; every host gets every
-        # completion back, scores its share and all-gathers the rewards.
-        out = distributed.fetch(sample(model, state.params, prompts, sample_key, sc,
-                                       eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                       model_state=state.model_state))
+        rounds = [rollout(state, step, 0, sample_key)]
+        while cc.dynamic_sampling and len(rounds) < cc.max_rounds and sum(
+            curriculum.informative_groups(r.correct_BG(G))[0].sum() for r in rounds
+        ) < gc.prompts_per_step:
+          rounds.append(rollout(state, step, len(rounds), sample_key))
         t_sample = time.perf_counter() - t0
-        lengths = np.asarray(out.lengths)
-        completions = [tokenizer.decode(t[:n].tolist()) for t, n in zip(out.tokens, lengths)]
-        total_N, per_fn, reward_stats = distributed.score_on_hosts(
-            rewards, [t for t in texts for _ in range(G)], completions,
-            [p.answer for p in problems for _ in range(G)])
-        for name, (score_fn, weight) in (model_rewards or {}).items():
-          try:
-            values = np.asarray(score_fn([t for t in texts for _ in range(G)], completions),
-                                np.float32)
-            errors = 0
-          except Exception:  # pylint: disable=broad-except  (a reward never stops training)
-            logging.exception("GRPO step %d: model reward %s failed; it scores 0", step + 1, name)
-            values, errors = np.zeros(len(completions), np.float32), len(completions)
-          total_N = total_N + np.float32(weight) * values
-          reward_stats.update({f"rewards/{name}/mean": float(values.mean()),
-                               f"rewards/{name}/errors": errors,
-                               f"rewards/{name}/timeouts": 0})
+        cur.observe(step, [p.level for r in rounds for p in r.problems],
+                    np.concatenate([r.correct_BG(G) for r in rounds]))
+        if cc.dynamic_sampling:
+          roll, curriculum_metrics = select_groups(rounds, gc.prompts_per_step, G)
+        else:
+          roll, curriculum_metrics = rounds[0], {}
+        curriculum_metrics.update(cur.metrics())
+        problems, prompts, completions = roll.problems, roll.prompts, roll.completions
+        total_N, per_fn, reward_stats, lengths = roll.total, roll.per_fn, roll.stats, roll.lengths
         rewards_BG = total_N.reshape(len(problems), G)
         advantages = np.asarray(group_advantages(jnp.asarray(rewards_BG),
                                                  scale_by_std=gc.scale_rewards)).reshape(-1)
 
         # Update.
-        host = build_batch(prompts, G, np.asarray(out.tokens), np.asarray(out.logprobs),
-                           lengths, np.asarray(out.finished), advantages, pad_id=tokenizer.pad_id)
+        host = build_batch(prompts, G, roll.tokens, roll.logprobs, lengths, roll.finished,
+                           advantages, pad_id=tokenizer.pad_id)
         if critic is not None:
           host["rewards"] = total_N.astype(np.float32)
         # Old log-probs are the sampler's (taken at sampling time), so with
@@ -459,6 +539,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
             "frac_reward_zero_std": float((group_std == 0).mean()),
             "skipped_updates": float(len(skipped)),
             **reward_stats,
+            **curriculum_metrics,
             "completions/mean_length": float(lengths.mean()),
             "completions/clipped_ratio": float(host["truncated"].mean()),
             # Self-evolution (issue 11): length percentiles, reflections, per-level figures.
@@ -491,7 +572,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
                                       gold=problems[i // G].answer, completion=completions[i],
                                       reward=float(total_N[i]))) + "\n")
         ckpt.save(done, _ckpt_tree(state, ref_params, ref_model_state, critic and critic.state),
-                  {"grpo_step": done},
+                  {"grpo_step": done, "curriculum": cur.state_dict()},
                   force=stop.requested or done == gc.num_steps)
         if stop.requested:
           bar.write(f"stop signal received: saved step {done}, exiting")
