@@ -14,7 +14,7 @@ import ml_collections
 from r1jax.models import deepseek_v3
 from r1jax.models.config import get_preset
 
-PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe")
+PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe", "tiny-student")
 
 
 def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
@@ -32,6 +32,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
       c.model.update(hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
                      num_hidden_layers=2, first_k_dense_replace=1, q_lora_rank=32,
                      kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
+  elif arg == "tiny-student":  # the distillation student (configs/distill.py)
+    c.model = dataclasses.asdict(get_preset("tiny-student"))
   else:
     c.model = dataclasses.asdict(get_preset("tiny"))  # ModelConfig fields
     if smoke:

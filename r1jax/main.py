@@ -41,8 +41,11 @@ def _stage_runner(name: str):
   if name == "r1":
     from r1jax.stages import r1
     return r1.run
+  if name == "distill":
+    from r1jax.stages import distill
+    return distill.run
   raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain', 'r1_zero', "
-                  "'r1')")
+                  "'r1', 'distill')")
 
 
 def load_config(spec: str):

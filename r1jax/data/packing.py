@@ -78,6 +78,14 @@ def pack_documents(docs: list[list[int]], seq_len: int, *, bos_id: int, eos_id: 
       positions=positions[:, :-1], loss_weights=same_doc.astype(np.float32))
 
 
+def pack_examples(tokenizer, examples: list[tuple[str, str]], seq_len: int) -> dict[str, np.ndarray]:
+  """(prompt, completion) text pairs packed for SFT: loss on the completions only."""
+  prompts = [tokenizer.encode(p) for p, _ in examples]
+  docs = [p + tokenizer.encode(c) for p, (_, c) in zip(prompts, examples)]
+  return pack_documents(docs, seq_len, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id,
+                        pad_id=tokenizer.pad_id, prompt_lengths=[len(p) for p in prompts])
+
+
 class PackedDataset:
   """Rows served in a fresh seeded permutation per epoch; `batch(i)` is stateless,
   so the data position is just the step and resume needs nothing else."""

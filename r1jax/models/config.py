@@ -71,6 +71,12 @@ PRESETS: dict[str, ModelConfig] = {
         vocab_size=640, hidden_size=128, intermediate_size=384,
         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=512, tie_word_embeddings=True),
+    # The tiny world's distillation student: half the layers of "tiny", same
+    # tokenizer (token-level KD needs the teacher's vocabulary).
+    "tiny-student": ModelConfig(
+        vocab_size=640, hidden_size=128, intermediate_size=384,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=512, tie_word_embeddings=True),
     # The distilled students of the R1 paper (shapes from their config.json).
     "qwen2.5-math-1.5b": ModelConfig(
         vocab_size=151936, hidden_size=1536, intermediate_size=8960,

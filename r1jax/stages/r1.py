@@ -30,7 +30,7 @@ import numpy as np
 
 from r1jax.checkpoint.manager import restore_model
 from r1jax.data import rejection, tinyworld, tinyworld_r1
-from r1jax.data.packing import PackedDataset, pack_documents
+from r1jax.data.packing import PackedDataset, pack_examples
 from r1jax.data.templates import r1_zero_prompt
 from r1jax.data.tokenizer import load_tokenizer
 from r1jax.errors import ConfigError
@@ -115,12 +115,8 @@ def _sample_train(ctx: Context, params, model_state, sc: ml_collections.ConfigDi
 def _sft(ctx: Context, out_dir: str, examples: list[tuple[str, str]], sc: ml_collections.ConfigDict,
          init: tuple) -> tuple[Any, Any]:
   """SFT of `init` on (prompt, completion) pairs: loss on the completions only."""
-  tok = ctx.tokenizer
-  prompts = [tok.encode(p) for p, _ in examples]
-  docs = [p + tok.encode(c) for p, (_, c) in zip(prompts, examples)]
-  packed = pack_documents(docs, sc.seq_len, bos_id=tok.bos_id, eos_id=tok.eos_id,
-                          pad_id=tok.pad_id, prompt_lengths=[len(p) for p in prompts])
-  dataset = PackedDataset(packed, sc.batch_size, ctx.config.seed)
+  dataset = PackedDataset(pack_examples(ctx.tokenizer, examples, sc.seq_len), sc.batch_size,
+                          ctx.config.seed)
   cfg = _sub(ctx.config, name=f"{ctx.config.name}-{os.path.basename(out_dir)}",
              train=dict(num_steps=sc.num_steps), optim=dict(sc.optim))
   tx = make_optimizer(cfg.optim, sc.num_steps)

@@ -46,7 +46,7 @@ def base_params(config: ml_collections.ConfigDict, base_dir: str, model, mesh):
   return state.params, state.model_state
 
 
-def _base_evaluation(config: ml_collections.ConfigDict, base_dir: str) -> dict | None:
+def base_evaluation(config: ml_collections.ConfigDict, base_dir: str) -> dict | None:
   """The base's own held-out evaluation, when it is exactly the one we would run.
 
   The pretrain stage evaluates its final params; if its eval config equals
@@ -112,7 +112,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return evaluate(model, p, tok, problems[:subset], r1_zero_prompt, ec,
                     jax.random.key(ec.seed), samples_path=path, model_state=model_state)
 
-  before = _base_evaluation(config, base_dir)
+  before = base_evaluation(config, base_dir)
   if before is None:
     before = eval_at("before", params)
   else:  # the base's samples are its eval_samples.jsonl

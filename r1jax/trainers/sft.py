@@ -70,9 +70,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model,
   return new_state, metrics
 
 
-def jit_train_step(step_fn: Callable, state_shardings, mesh: Mesh):
-  """Jits `step_fn(state, batch)` once with explicit shardings and state donation."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
+def jit_train_step(step_fn: Callable, state_shardings, mesh: Mesh, arg_shardings: tuple = ()):
+  """Jits `step_fn(state, batch, *args)` once with explicit shardings and state
+  donation; `arg_shardings` are those of the extra arguments (e.g. a teacher's params)."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh), *arg_shardings),
                  out_shardings=(state_shardings, None), donate_argnums=(0,))
 
 
@@ -82,11 +83,15 @@ def jit_train_step(step_fn: Callable, state_shardings, mesh: Mesh):
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, mesh: Mesh,
           tx: optax.GradientTransformation, init_params: Any = None,
-          rules=DEFAULT_RULES, init_model_state: Any = None) -> TrainState:
+          rules=DEFAULT_RULES, init_model_state: Any = None, step_fn: Callable | None = None,
+          step_args: tuple = ()) -> TrainState:
   """Runs `config.train.num_steps` steps, resuming from WORKDIR/checkpoints.
 
   `dataset.batch(i)` must be a pure function of i (the data position is the step).
   `init_model_state` goes with `init_params` for a model that has one (MoE).
+  `step_fn(state, batch, *step_args)` replaces the next-token step (e.g.
+  token-level distillation, r1jax.trainers.distill, with the teacher's params
+  as `step_args`: jit arguments in their own shardings, never constants).
   """
   tc = config.train
   state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules,
@@ -99,9 +104,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
       raise RuntimeError(f"checkpoint metadata {meta} disagrees with state step {int(state.step)}")
   start = int(state.step)
 
-  step_fn = functools.partial(train_step, model=model, tx=tx, impl=impl_from_config(config))
+  step_fn = step_fn or functools.partial(train_step, model=model, tx=tx,
+                                         impl=impl_from_config(config))
   with mesh_rules(mesh, rules):
-    jitted = jit_train_step(step_fn, shardings, mesh)
+    jitted = jit_train_step(step_fn, shardings, mesh,
+                            jax.tree.map(lambda x: x.sharding, step_args))
     writer = MetricsWriter(workdir, resume_step=start)
     stop = StopOnSignal()
     bar = tqdm(range(start, tc.num_steps), initial=start, total=tc.num_steps,
@@ -114,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
       host_batch = dataset.batch(step)
       window_tokens += float(host_batch["loss_weights"].sum())
       batch = shard_batch(host_batch, batch_sharding(mesh))  # each host feeds its own rows
-      state, metrics = jitted(state, batch)
+      state, metrics = jitted(state, batch, *step_args)
       done = step + 1
       if done % tc.log_every == 0 or done == tc.num_steps:
         m = jax.device_get(metrics)
