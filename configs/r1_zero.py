@@ -28,7 +28,7 @@ from r1jax.data import curriculum
 from r1jax.trainers import ppo
 
 REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
-TINY_PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe")
+TINY_PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe", "tiny-student")
 
 
 def _pretrain_config(arg: str) -> ml_collections.ConfigDict:

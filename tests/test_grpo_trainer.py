@@ -1,12 +1,11 @@
-"""GRPO trainer: the first on-policy update has loss ~0 but a real gradient,
-and the R1-Zero smoke run through the real CLI writes its results and metrics."""
+"""GRPO trainer: the first on-policy update has loss ~0 but a real gradient;
+the loop's switches on a micro model. (The R1-Zero smoke run through the real
+CLI is checked in tests/test_r1_pipeline.py, which runs it as R1's first step.)"""
 
 import functools
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -72,28 +71,6 @@ def test_first_update_has_zero_loss_and_nonzero_gradient():
     assert abs(float(m["loss"])) < 1e-5, m  # ratio 1, zero-mean advantages per group
     assert float(m["grad_norm"]) > 1e-3, m
     assert abs(float(m["kl"])) < 1e-6 and float(m["clip_ratio/region_mean"]) == 0.0
-
-
-def test_r1_zero_smoke_cli(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  proc = subprocess.run(
-      [sys.executable, "-m", "r1jax.main", f"--config={REPO}/configs/r1_zero.py:smoke",
-       f"--workdir={tmp_path}"], capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  results = json.load(open(tmp_path / "results.json"))
-  for block in ("before", "after"):
-    assert 0.0 <= results[block]["pass@1"] <= 1.0 and "format_rate" in results[block], results
-  assert results["optimizer_steps"] == 3
-  rows = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert [r["step"] for r in rows] == [1, 2, 3]
-  for key in TRL_KEYS:
-    assert all(np.isfinite(r[key]) for r in rows), key
-  assert rows[0]["completions/mean_length"] > 0
-  assert results["dynamics"]["step"] == [1, 2, 3]
-  assert results["dynamics"]["reflection/rate"] == [r["reflection/rate"] for r in rows]
-  assert os.path.getsize(tmp_path / "reward_curve.png") > 1000
-  samples = [json.loads(l) for l in open(tmp_path / "samples.jsonl")]
-  assert {"prompt", "completion", "reward"} <= set(samples[0])
 
 
 # ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.test_cli import _assert_one_line_error, _cli
@@ -30,6 +31,26 @@ def smoke_run(tmp_path_factory):
   proc = _run(workdir)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
+
+
+def test_r1_zero_smoke_run_writes_its_results_and_metrics(smoke_run):
+  """The R1-Zero run R1 starts from is configs/r1_zero.py's stage through the CLI."""
+  from tests.test_grpo_trainer import TRL_KEYS
+  w = smoke_run / "r1_zero"
+  results = json.load(open(w / "results.json"))
+  for block in ("before", "after"):
+    assert 0.0 <= results[block]["pass@1"] <= 1.0 and "format_rate" in results[block], results
+  assert results["optimizer_steps"] == 3
+  rows = [json.loads(l) for l in open(w / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  for key in TRL_KEYS:
+    assert all(np.isfinite(r[key]) for r in rows), key
+  assert rows[0]["completions/mean_length"] > 0
+  assert results["dynamics"]["step"] == [1, 2, 3]
+  assert results["dynamics"]["reflection/rate"] == [r["reflection/rate"] for r in rows]
+  assert os.path.getsize(w / "reward_curve.png") > 1000
+  samples = [json.loads(l) for l in open(w / "samples.jsonl")]
+  assert {"prompt", "completion", "reward"} <= set(samples[0])
 
 
 def test_every_stage_runs_and_reports(smoke_run):
@@ -72,3 +93,62 @@ def test_rerun_reuses_finished_stages_and_bad_stage_lists_fail(smoke_run, tmp_pa
       _cli(f"--config={REPO}/configs/r1.py:smoke", f"--workdir={tmp_path}",
            "--config.stages=reasoning_rl,cold_start"),
       "stages='reasoning_rl,cold_start': pick, in order, from cold_start")
+
+
+# ---------------------------------------------------------------------------
+# Distillation and experiments/r1_tiny on top of the smoke R1 run.
+# ---------------------------------------------------------------------------
+
+def _load_module(path, name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_distillation_and_the_r1_tiny_table(smoke_run, tmp_path):
+  r1_tiny = _load_module(os.path.join(REPO, "experiments", "r1_tiny", "run.py"), "r1_tiny")
+  seed_dir = tmp_path / "seed0"
+  seed_dir.mkdir()
+  os.symlink(smoke_run, seed_dir / "r1")  # the finished R1 run is reused, not rerun
+  r1_tiny.run_seed(str(tmp_path), 0, smoke=True)  # distill (sequence) + the RL-only student
+  dist = json.load(open(seed_dir / "distill" / "results.json"))
+  data = [json.loads(l) for l in open(smoke_run / "rejection_sft" / "data" / "data.jsonl")]
+  assert dist["method"] == "sequence" and dist["data"]["examples"] == len(data)
+  assert dist["sft_steps"] == 3 and "pass@1" in dist["before"] and "pass@1" in dist["after"]
+  assert os.path.exists(seed_dir / "distill" / "student_base" / "tokenizer.model")
+  # The student speaks the teacher's tokenizer (copied, not retrained).
+  teacher_tok = smoke_run / "r1_zero" / "base" / "tokenizer.model"
+  assert open(teacher_tok, "rb").read() == open(
+      seed_dir / "distill" / "student_base" / "tokenizer.model", "rb").read()
+  out = r1_tiny.write_table(str(tmp_path), [0])
+  rows = out[0]["rows"]
+  assert set(rows) == {"base", "r1_zero", "r1/cold_start", "r1/reasoning_rl", "r1/rejection_sft",
+                       "r1/all_scenario_rl", "student base", "student distilled",
+                       "student RL-only"}
+  assert all(0 <= r["pass@1"] <= 1 and r["language_consistency"] is not None
+             for r in rows.values())
+  assert len(out[0]["checks"]) == 5 and (tmp_path / "table.md").exists()
+
+  # Token-level KD from the R1 run's final params, on the same student base.
+  proc = subprocess.run(
+      [sys.executable, "-m", "r1jax.main", f"--config={REPO}/configs/distill.py:smoke",
+       f"--workdir={tmp_path / 'kd'}", f"--config.teacher_workdir={smoke_run}",
+       f"--config.student_base_workdir={seed_dir / 'distill' / 'student_base'}",
+       "--config.distill.method=token", "--config.train.log_every=1",
+       "--config.train.progress_bar=False"],
+      capture_output=True, text=True, timeout=900, cwd=REPO, env=dict(os.environ,
+                                                                    JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  kd = json.load(open(tmp_path / "kd" / "results.json"))
+  assert kd["method"] == "token"
+  rows = [json.loads(l) for l in open(tmp_path / "kd" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all(r["kd_loss"] > 0 and 0 <= r["kd/agreement"] <= 1 for r in rows)
+
+
+def test_distill_without_a_teacher_is_one_line(tmp_path):
+  _assert_one_line_error(
+      _cli(f"--config={REPO}/configs/distill.py:smoke", f"--workdir={tmp_path}"),
+      "distill needs teacher_workdir")
