@@ -40,7 +40,12 @@ def default_config() -> ml_collections.ConfigDict:
   """`config.ppo`: used when grpo.algorithm == "ppo"."""
   c = ml_collections.ConfigDict()
   c.gamma = 1.0  # discount over completion tokens
-  c.lam = 0.95  # GAE lambda
+  # GAE lambda. 1 = every token's advantage is R - V(s_t). With one reward at
+  # the end and a fresh critic, lambda < 1 shrinks the credit reaching the early,
+  # decisive tokens by lambda^(tokens to go) (0.95^50 = 0.08): in the tiny
+  # world PPO at 0.95 learned the format and lost accuracy
+  # (experiments/r1_zero_dynamics). VAPO (2025) keeps 1 for the same reason.
+  c.lam = 1.0
   c.epsilon = 0.2  # policy ratio clip
   c.value_clip = 0.2  # value clip around the rollout's values
   c.vf_coef = 0.1  # value-loss weight in the logged objective (separate optimizers: Adam makes it a scale only)
