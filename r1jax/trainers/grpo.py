@@ -357,6 +357,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
   A reward that raises or times out scores 0 and is counted in
   `rewards/<name>/errors` and `rewards/<name>/timeouts`; training goes on.
   `config.grpo.train_file` (jsonl) replaces the tiny-world problems (`load_task`).
+  `config.grpo.curriculum` picks each step's problems (r1jax.data.curriculum:
+  levels by stage or adaptively; DAPO dynamic sampling draws more rounds of
+  prompts until the groups carry a learning signal). `config.grpo.algorithm`
+  = "ppo" trains with a critic and GAE instead of group advantages
+  (r1jax.trainers.ppo), on the same rollouts.
 
   Pre-emption: a restart with the same arguments resumes from the last
   complete checkpoint and reproduces the uninterrupted run (prompts, keys and
