@@ -198,7 +198,7 @@ PUBLISHED_PARAMS = {
 
 
 def test_every_real_preset_has_a_published_count():
-  assert set(PUBLISHED_PARAMS) == set(PRESETS) - {"tiny"}
+  assert set(PUBLISHED_PARAMS) == {p for p in PRESETS if not p.startswith("tiny")}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
