@@ -24,11 +24,10 @@ per student below). Running them needs a converted Hugging Face checkpoint
 """
 
 import dataclasses
-import importlib.util
-import os
 
 import ml_collections
 
+from r1jax.config_files import sibling_config
 from r1jax.models.build import get_preset
 
 TINY_PRESETS = ("tiny", "smoke")
@@ -41,15 +40,6 @@ REAL_PRESETS = {
     "llama3.1-8b": 5e-5,
     "llama3.3-70b": 2e-5,
 }
-
-
-def _sibling(name: str, arg: str) -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the sibling file by path.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{name}.py")
-  spec = importlib.util.spec_from_file_location(f"r1jax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _real_config(name: str) -> ml_collections.ConfigDict:
@@ -86,7 +76,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.teacher_stage = "all_scenario_rl"  # the teacher's params for token KD: this stage's checkpoint
   c.data_file = ""  # "" = TEACHER/rejection_sft/data/data.jsonl
   c.student_base_workdir = ""  # "" = pretrain the student into WORKDIR/student_base
-  c.pretrain = _sibling("pretrain", "smoke" if smoke else "tiny-student")
+  c.pretrain = sibling_config(__file__, "pretrain", "smoke" if smoke else "tiny-student")
   c.pretrain.seed = c.get_ref("seed")
   if smoke:
     c.pretrain.train.num_steps = 10
@@ -94,7 +84,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain.data.batch_size = 8
     c.pretrain.eval.num_problems = 8
   c.model = c.pretrain.model.to_dict()  # the student
-  teacher = _sibling("r1", arg)
+  teacher = sibling_config(__file__, "r1", arg)
   c.teacher_model = teacher.model.to_dict()  # token-level KD: the teacher's architecture
 
   c.distill = ml_collections.ConfigDict()

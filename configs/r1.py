@@ -11,22 +11,13 @@ to seconds (used by the tests). See r1jax/stages/r1.py for what each stage
 writes.
 """
 
-import importlib.util
-import os
 
 import ml_collections
 
+from r1jax.config_files import sibling_config
+
 PRESETS = ("tiny", "smoke")
 STAGES = "cold_start,reasoning_rl,rejection_sft,all_scenario_rl"
-
-
-def _r1_zero_config(arg: str) -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the sibling file by path.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "r1_zero.py")
-  spec = importlib.util.spec_from_file_location("r1jax_config_r1_zero", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _sft(smoke: bool, steps: int, lr: float) -> ml_collections.ConfigDict:
@@ -41,7 +32,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   if arg not in PRESETS:
     raise ValueError(f"configs/r1.py knows presets {PRESETS}, not {arg!r}")
   smoke = arg == "smoke"
-  c = _r1_zero_config(arg)  # model, base, eval, GRPO, optimizer: as R1-Zero's
+  c = sibling_config(__file__, "r1_zero", arg)  # model, base, eval, GRPO, optimizer: as R1-Zero's
   c.name = f"r1-{arg}"
   c.stage = "r1"
   c.r1_zero_workdir = ""  # a finished configs/r1_zero.py run; "" = run it into WORKDIR/r1_zero

@@ -18,26 +18,16 @@ converted base checkpoint and a real task set.
 """
 
 import dataclasses
-import importlib.util
-import os
 
 import ml_collections
 
+from r1jax.config_files import sibling_config
 from r1jax.models.build import get_preset
 from r1jax.data import curriculum
 from r1jax.trainers import ppo
 
 REAL_PRESETS = ("qwen2.5-math-1.5b", "qwen2.5-math-7b", "deepseek-v3")
 TINY_PRESETS = ("tiny", "smoke", "tiny-moe", "smoke-moe", "tiny-student")
-
-
-def _pretrain_config(arg: str) -> ml_collections.ConfigDict:
-  # configs/ is not a package: load the sibling file by path.
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrain.py")
-  spec = importlib.util.spec_from_file_location("r1jax_config_pretrain", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
 
 
 def _real_config(name: str) -> ml_collections.ConfigDict:
@@ -93,7 +83,7 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.base_workdir = ""  # a pretrained base (pretrain stage WORKDIR); "" = pretrain into WORKDIR/base
-  c.pretrain = _pretrain_config(arg)  # how the base is (or was) pretrained
+  c.pretrain = sibling_config(__file__, "pretrain", arg)  # how the base is (or was) pretrained
   c.pretrain.seed = c.get_ref("seed")
   if smoke:  # the smoke base only has to exist, not be good
     c.pretrain.train.num_steps = 10

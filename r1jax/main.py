@@ -15,6 +15,7 @@ from typing import Any, Callable
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from r1jax.config_files import load_config  # noqa: F401  (r1jax.main.load_config, for notebooks)
 from r1jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -46,19 +47,6 @@ def _stage_runner(name: str):
     return distill.run
   raise UserError(f"config.stage={name!r} is not a known stage (known: 'pretrain', 'r1_zero', "
                   "'r1', 'distill')")
-
-
-def load_config(spec: str):
-  """`path/to/config.py[:arg]` -> its get_config(arg), for notebooks and scripts."""
-  import importlib.util
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise UserError(f"config file {path} does not exist")
-  module_spec = importlib.util.spec_from_file_location(
-      f"r1jax_config_{os.path.basename(path)[:-3]}", path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  return module.get_config(arg) if arg else module.get_config()
 
 
 def prepare_workdir(path: str) -> str:

@@ -19,7 +19,6 @@ import jax
 import ml_collections
 import optax
 
-from r1jax.checkpoint.manager import restore_model
 from r1jax.data import rejection, tinyworld
 from r1jax.data.packing import PackedDataset, pack_examples
 from r1jax.data.templates import r1_zero_prompt
@@ -30,7 +29,7 @@ from r1jax.losses.distill import TokenKDLoss
 from r1jax.models.build import build_model
 from r1jax.models.transformer import count_params
 from r1jax.parallel.mesh import make_mesh
-from r1jax.stages import pretrain, r1_zero
+from r1jax.stages import pretrain, r1, r1_zero
 from r1jax.trainers import distill, sft
 from r1jax.trainers.optim import make_optimizer
 from r1jax.trainers.state import create_train_state
@@ -86,12 +85,7 @@ def restore(model, run_dir: str, mesh, seed: int = 0):
   """(params, model state) of the latest checkpoint of any run (pretrain, SFT,
   GRPO) of `model`, onto `mesh`; the optimizer state is never read."""
   template, _ = create_train_state(model, optax.sgd(0.0), mesh, seed)
-  abstract = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
-  params, model_state, _ = restore_model(os.path.join(run_dir, "checkpoints"),
-                                         abstract(template.params),
-                                         abstract(template.model_state) or None)
-  return params, model_state
+  return r1.load_params(run_dir, template.params, template.model_state)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
