@@ -85,6 +85,8 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
     c.pretrain.eval.num_problems = 8
   c.model = c.pretrain.model.to_dict()  # the student
   teacher = sibling_config(__file__, "r1", arg)
+  # The student's base reads the teacher's base's corpus.
+  c.pretrain.data.question_language_fraction = teacher.pretrain.data.question_language_fraction
   c.teacher_model = teacher.model.to_dict()  # token-level KD: the teacher's architecture
 
   c.distill = ml_collections.ConfigDict()

@@ -57,6 +57,11 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   # Share of reasoning documents that make a wrong step, reflect ("Wait, let me
   # check ...") and fix it (issue 11: does RL amplify reflection?). 0 = none.
   c.data.self_correct_fraction = 0.0
+  # Share of documents reasoning in the question's language (the rest pick a
+  # language mode regardless of the question). 0 = independent (R1-Zero's
+  # world); configs/r1.py raises it so that answering in the question's
+  # language is something the base has seen and R1 can strengthen.
+  c.data.question_language_fraction = 0.0
   c.data.seq_len = 256  # tokens per packed row
   c.data.batch_size = 16  # rows per step
 

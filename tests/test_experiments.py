@@ -64,3 +64,32 @@ def test_an_ablation_sweep_from_that_base(dynamics, tmp_path):
   assert all(len(r["curve"]) == 1 and 0 <= r["pass@1"] <= 1 for r in rows.values())
   assert os.path.getsize(tmp_path / "test" / "curves.png") > 5000
   assert "| beta=0.04 |" in open(tmp_path / "test" / "table.md").read()
+
+
+def test_r1_tiny_seeds_share_the_first_seeds_bases(tmp_path, monkeypatch):
+  """experiments/r1_tiny --bases=shared: later seeds post-train from the first
+  seed's teacher and student bases; per_seed: each pretrains its own."""
+  spec = importlib.util.spec_from_file_location(
+      "r1_tiny", os.path.join(REPO, "experiments", "r1_tiny", "run.py"))
+  r1_tiny = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(r1_tiny)
+  calls = []
+  monkeypatch.setattr(r1_tiny, "_main", lambda config, workdir, log, *flags: calls.append(
+      (config, os.path.relpath(workdir, tmp_path), flags)) or 0.0)
+  monkeypatch.setattr(r1_tiny, "write_table", lambda *a: None)
+  r1_tiny.main([f"--workdir={tmp_path}", "--seeds=0,1"])
+  teacher, student = (os.path.join(tmp_path, "seed0", *p) for p in
+                      (("r1", "r1_zero", "base"), ("distill", "student_base")))
+  by_dir = {w: flags for _, w, flags in calls}
+  assert [w for _, w, _ in calls] == [f"seed{s}/{n}" for s in (0, 1)
+                                      for n in ("r1", "distill", "student_rl")]
+  assert by_dir["seed0/r1"] == ("--config.seed=0",)  # seed 0 pretrains both bases
+  assert f"--config.base_workdir={teacher}" in by_dir["seed1/r1"]
+  assert f"--config.student_base_workdir={student}" in by_dir["seed1/distill"]
+  for s in (0, 1):
+    assert f"--config.base_workdir={student}" in by_dir[f"seed{s}/student_rl"]
+    assert f"--config.seed={s}" in by_dir[f"seed{s}/r1"]
+  calls.clear()
+  r1_tiny.main([f"--workdir={tmp_path}", "--seeds=0,1", "--bases=per_seed"])
+  assert not any("seed0" in f for _, w, flags in calls if w.startswith("seed1")
+                 for f in flags)

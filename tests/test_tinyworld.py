@@ -271,6 +271,21 @@ def test_corpus_mixes_reasoning_languages(corpus):
   assert all(tw.language_fraction(_cot(d), "la") == 1.0 for d in only_la)
 
 
+def test_corpus_question_language_fraction():
+  """That share of documents reasons in the question's language; the others
+  pick theirs regardless of the question. 0 is the corpus as before."""
+  assert tw.pretraining_corpus(300, seed=0, question_language_fraction=0.0) == \
+      tw.pretraining_corpus(300, seed=0)
+  problems = tw.generate_problems("train", 4000, 0, tw.LEVELS)
+  for f in (0.0, 0.5, 1.0):
+    docs = tw.pretraining_corpus(4000, seed=0, question_language_fraction=f)
+    same = [tw.language_fraction(_cot(d), p.lang) == 1.0 for d, p in zip(docs, problems)]
+    expected = f + (1 - f) * sum(tw.DEFAULT_MODE_WEIGHTS[p.lang] for p in problems) / 4000
+    assert abs(sum(same) / 4000 - expected) < 0.03, (f, sum(same) / 4000, expected)
+  with pytest.raises(ValueError, match="question_language_fraction"):
+    tw.pretraining_corpus(10, seed=0, question_language_fraction=-0.1)
+
+
 def test_corpus_rejects_bad_mixtures():
   with pytest.raises(ValueError, match="plain_fraction"):
     tw.pretraining_corpus(10, seed=0, plain_fraction=1.5)

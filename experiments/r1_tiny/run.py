@@ -1,6 +1,7 @@
 """R1-Zero, R1 and the distilled students in the tiny world, one table (issue 7).
 
-  python experiments/r1_tiny/run.py --workdir=/tmp/r1_tiny [--seeds=0,1] [--smoke]
+  python experiments/r1_tiny/run.py --workdir=/tmp/r1_tiny [--seeds=0,1]
+      [--bases=shared|per_seed] [--smoke]
 
 Per seed, three `python -m r1jax.main` runs:
 1. configs/r1.py:tiny -> SEED/r1: the base, R1-Zero (GRPO from the base), then
@@ -10,6 +11,11 @@ Per seed, three `python -m r1jax.main` runs:
    teacher's tokenizer) and its SFT on R1's rejection-sampled data;
 3. configs/r1_zero.py:tiny-student -> SEED/student_rl: the same student base
    trained with GRPO only (as many RL steps as R1-Zero).
+
+With --bases=shared (the default) only the first seed pretrains the teacher
+and student bases; the other seeds start every post-training stage (R1-Zero,
+the four R1 stages, distillation, the RL-only student) from them with their
+own seed. --bases=per_seed pretrains both bases per seed too.
 
 Writes WORKDIR/table.md and WORKDIR/results.json (rows x seeds, and the
 paper's four findings checked per seed). A run whose results.json exists is
@@ -45,19 +51,32 @@ def _main(config: str, workdir: str, log: str, *flags: str) -> float:
   return time.perf_counter() - t0
 
 
-def run_seed(workdir: str, seed: int, smoke: bool) -> dict[str, float]:
+def bases(workdir: str, seed: int) -> tuple[str, str]:
+  """(teacher base, student base) directories that seed `seed`'s runs pretrain."""
+  d = os.path.join(workdir, f"seed{seed}")
+  return os.path.join(d, "r1", "r1_zero", "base"), os.path.join(d, "distill", "student_base")
+
+
+def run_seed(workdir: str, seed: int, smoke: bool, base_seed: int | None = None
+             ) -> dict[str, float]:
+  """Seed `seed`'s three runs; `base_seed` (another seed, already run) lends its
+  pretrained teacher and student bases instead of pretraining new ones."""
   preset = "smoke" if smoke else "tiny"
   d = os.path.join(workdir, f"seed{seed}")
   os.makedirs(d, exist_ok=True)
   r1, dist, srl = (os.path.join(d, n) for n in ("r1", "distill", "student_rl"))
   s = f"--config.seed={seed}"
-  seconds = {"r1": _main(f"configs/r1.py:{preset}", r1, os.path.join(d, "r1.log"), s)}
+  teacher_base, student_base = bases(workdir, seed if base_seed is None else base_seed)
+  shared = base_seed is not None and base_seed != seed
+  seconds = {"r1": _main(f"configs/r1.py:{preset}", r1, os.path.join(d, "r1.log"), s,
+                         *([f"--config.base_workdir={teacher_base}"] if shared else []))}
   seconds["distill"] = _main(f"configs/distill.py:{preset}", dist, os.path.join(d, "distill.log"),
-                             s, f"--config.teacher_workdir={r1}")
+                             s, f"--config.teacher_workdir={r1}",
+                             *([f"--config.student_base_workdir={student_base}"] if shared else []))
   student = "smoke" if smoke else "tiny-student"
-  seconds["student_rl"] = _main(
-      f"configs/r1_zero.py:{student}", srl, os.path.join(d, "student_rl.log"), s,
-      f"--config.base_workdir={os.path.join(dist, 'student_base')}")
+  seconds["student_rl"] = _main(f"configs/r1_zero.py:{student}", srl,
+                                os.path.join(d, "student_rl.log"), s,
+                                f"--config.base_workdir={student_base}")
   return seconds
 
 
@@ -126,12 +145,18 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--seeds", default="0,1")
+  parser.add_argument("--bases", choices=("shared", "per_seed"), default="shared",
+                      help="shared: the first seed pretrains the teacher and student bases and "
+                           "the others post-train from them (seeds vary every post-training "
+                           "stage; fits the 90-minute budget); per_seed: each seed pretrains "
+                           "its own (~20 min more per seed)")
   parser.add_argument("--smoke", action="store_true", help="seconds-scale version (tests)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   os.makedirs(args.workdir, exist_ok=True)
   t0 = time.perf_counter()
-  seconds = {seed: run_seed(args.workdir, seed, args.smoke) for seed in seeds}
+  base_seed = seeds[0] if args.bases == "shared" else None
+  seconds = {seed: run_seed(args.workdir, seed, args.smoke, base_seed) for seed in seeds}
   write_table(args.workdir, seeds)
   print(f"wall: {time.perf_counter() - t0:.0f} s ({json.dumps(seconds)})")
 

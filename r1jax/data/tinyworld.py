@@ -445,6 +445,7 @@ def pretraining_corpus(
     drill_fraction: float = 0.0,
     mode_weights: Mapping[str, float] = DEFAULT_MODE_WEIGHTS,
     self_correct_fraction: float = 0.0,
+    question_language_fraction: float = 0.0,
 ) -> list[str]:
   """Pretraining documents built from train-split problems only.
 
@@ -467,6 +468,13 @@ def pretraining_corpus(
       documents whose solution is `self_correcting_solution` (a wrong step, a
       reflection, the fix): whether RL amplifies reflection becomes a
       measurable question (issue 11). 0 leaves the corpus exactly as before.
+    question_language_fraction: share of documents whose reasoning is written
+      in the question's language; the others draw their language mode from
+      `mode_weights`, independent of the question. A base that has seen some
+      answers follow the question's language can learn to (R1's cold start
+      and language-consistency reward); at 0 (the corpus as before) the two
+      are independent and the question's language carries no signal about
+      the reasoning's. 0 leaves the corpus exactly as before.
 
   Returns:
     `num_docs` strings, without BOS/EOS.
@@ -475,7 +483,8 @@ def pretraining_corpus(
                       ("malformed_fraction", malformed_fraction),
                       ("direct_fraction", direct_fraction),
                       ("drill_fraction", drill_fraction),
-                      ("self_correct_fraction", self_correct_fraction)):
+                      ("self_correct_fraction", self_correct_fraction),
+                      ("question_language_fraction", question_language_fraction)):
     if not 0.0 <= value <= 1.0:
       raise ValueError(f"{name} must be in [0, 1], got {value}")
   if set(mode_weights) - set(MODES) or sum(mode_weights.values()) <= 0:
@@ -485,8 +494,11 @@ def pretraining_corpus(
   docs = []
   drill_rng = random.Random(f"tinyworld/drills/{seed}")
   sc_rng = random.Random(f"tinyworld/self_correct/{seed}")  # apart: 0 leaves the rest as it was
+  ql_rng = random.Random(f"tinyworld/question_language/{seed}")  # likewise
   for problem in problems:
     mode = _weighted_choice(mode_weights, rng)
+    if question_language_fraction and ql_rng.random() < question_language_fraction:
+      mode = problem.lang
     if drill_fraction and drill_rng.random() < drill_fraction:
       docs.append(drill_document([problem] + drill_rng.sample(problems, 3), mode, rng))
     elif rng.random() < plain_fraction:

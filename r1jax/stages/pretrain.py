@@ -36,7 +36,8 @@ def corpus(dc: ml_collections.ConfigDict) -> list[str]:
       dc.num_docs, dc.corpus_seed, levels=tuple(dc.levels), plain_fraction=dc.plain_fraction,
       malformed_fraction=dc.malformed_fraction, direct_fraction=dc.direct_fraction,
       drill_fraction=dc.drill_fraction,
-      self_correct_fraction=dc.get("self_correct_fraction", 0.0))
+      self_correct_fraction=dc.get("self_correct_fraction", 0.0),
+      question_language_fraction=dc.get("question_language_fraction", 0.0))
 
 
 def tokenizer_for(config: ml_collections.ConfigDict, workdir: str, docs: list[str]):
