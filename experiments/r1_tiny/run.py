@@ -32,7 +32,10 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-COLUMNS = ("pass@1", "cons@{k}", "format_rate", "language_consistency", "mean_completion_length")
+# format_rate checks R1-Zero's `<think> ... </think> <answer> ... </answer>`;
+# summary_format_rate R1's readable one (a summary between the two).
+COLUMNS = ("pass@1", "cons@{k}", "format_rate", "summary_format_rate", "language_consistency",
+           "mean_completion_length")
 R1_STAGES = ("cold_start", "reasoning_rl", "rejection_sft", "all_scenario_rl")
 
 
@@ -107,9 +110,16 @@ def seed_table(d: str) -> tuple[dict, dict]:
           rows["student distilled"]["pass@1"] > rows["student RL-only"]["pass@1"],
       "reward model held-out pair accuracy >= 0.8": rm >= 0.8,
   }
-  return rows, dict(checks=checks, reward_model_accuracy=rm,
-                    rl_steps=dict(r1_zero=_load(os.path.join(
-                        r1["r1_zero_workdir"], "results.json"))["grpo_steps"],
+  zres = _load(os.path.join(r1["r1_zero_workdir"], "results.json"))
+  seconds = {  # what each part took when it ran (a shared base: only where it was pretrained)
+      "base": zres["seconds"]["base"], "r1_zero": zres["seconds"]["total"] - zres["seconds"]["base"],
+      **{f"r1/{n}": r1["stages"][n]["seconds"] for n in R1_STAGES if n in r1["stages"]},
+      "student base": dist["seconds"].get("base", 0.0),
+      "distill": dist["seconds"]["total"] - dist["seconds"].get("base", 0.0),
+      "student RL-only": srl["seconds"]["total"]}
+  return rows, dict(checks=checks, reward_model_accuracy=rm, seconds=seconds,
+                    total_minutes=round(sum(seconds.values()) / 60, 1),
+                    rl_steps=dict(r1_zero=zres["grpo_steps"],
                         student_rl=srl["grpo_steps"]),
                     distill_examples=dist["data"]["examples"], distill_steps=dist["sft_steps"])
 
@@ -132,6 +142,8 @@ def write_table(workdir: str, seeds: list[int]) -> dict:
       lines.append(f"- seed {seed}: {what}: {'yes' if ok else 'NO'}")
     lines.append(f"- seed {seed}: reward model held-out pair accuracy "
                  f"{out[seed]['reward_model_accuracy']:.3f}")
+    lines.append(f"- seed {seed}: {out[seed]['total_minutes']} min (" + ", ".join(
+        f"{k} {v / 60:.1f}" for k, v in out[seed]["seconds"].items()) + ")")
   md = "\n".join(lines)
   with open(os.path.join(workdir, "table.md"), "w") as f:
     f.write(md + "\n")
