@@ -160,8 +160,8 @@ def main(argv=None) -> None:
   parser.add_argument("--bases", choices=("shared", "per_seed"), default="shared",
                       help="shared: the first seed pretrains the teacher and student bases and "
                            "the others post-train from them (seeds vary every post-training "
-                           "stage; fits the 90-minute budget); per_seed: each seed pretrains "
-                           "its own (~20 min more per seed)")
+                           "stage); per_seed: each seed pretrains its own (about 23 min more "
+                           "per seed)")
   parser.add_argument("--smoke", action="store_true", help="seconds-scale version (tests)")
   args = parser.parse_args(argv)
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]

@@ -472,9 +472,9 @@ def pretraining_corpus(
       in the question's language; the others draw their language mode from
       `mode_weights`, independent of the question. A base that has seen some
       answers follow the question's language can learn to (R1's cold start
-      and language-consistency reward); at 0 (the corpus as before) the two
-      are independent and the question's language carries no signal about
-      the reasoning's. 0 leaves the corpus exactly as before.
+      and language-consistency reward). At 0 the two are independent and the
+      question's language carries no signal about the reasoning's; 0 leaves
+      the corpus exactly as before.
 
   Returns:
     `num_docs` strings, without BOS/EOS.
