@@ -129,7 +129,8 @@ def _sft(ctx: Context, out_dir: str, examples: list[tuple[str, str]], sc: ml_col
 def _grpo(ctx: Context, out_dir: str, init: tuple, rc: ml_collections.ConfigDict,
           rewards: dict, model_rewards: dict | None = None) -> tuple[Any, Any]:
   cfg = _sub(ctx.config, name=f"{ctx.config.name}-{os.path.basename(out_dir)}",
-             grpo=dict(num_steps=rc.num_steps))
+             grpo=dict(num_steps=rc.num_steps),
+             optim=dict(learning_rate=rc.get("learning_rate") or ctx.config.optim.learning_rate))
   tx = make_optimizer(cfg.optim, cfg.grpo.num_steps * grpo.updates_per_step(cfg.grpo))
   state = grpo.train(cfg, out_dir, model=ctx.model, tokenizer=ctx.tokenizer, mesh=ctx.mesh,
                      tx=tx, init_params=jax.tree.map(jnp.copy, init[0]),
