@@ -66,30 +66,60 @@ def test_an_ablation_sweep_from_that_base(dynamics, tmp_path):
   assert "| beta=0.04 |" in open(tmp_path / "test" / "table.md").read()
 
 
-def test_r1_tiny_seeds_share_the_first_seeds_bases(tmp_path, monkeypatch):
-  """experiments/r1_tiny --bases=shared: later seeds post-train from the first
-  seed's teacher and student bases; per_seed: each pretrains its own."""
+def _r1_tiny():
   spec = importlib.util.spec_from_file_location(
       "r1_tiny", os.path.join(REPO, "experiments", "r1_tiny", "run.py"))
   r1_tiny = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(r1_tiny)
-  calls = []
-  monkeypatch.setattr(r1_tiny, "_main", lambda config, workdir, log, *flags: calls.append(
-      (config, os.path.relpath(workdir, tmp_path), flags)) or 0.0)
-  monkeypatch.setattr(r1_tiny, "write_table", lambda *a: None)
-  r1_tiny.main([f"--workdir={tmp_path}", "--seeds=0,1"])
+  return r1_tiny
+
+
+def test_r1_tiny_plan_shares_the_first_seeds_bases(tmp_path):
+  """experiments/r1_tiny --bases=shared: the first seed pretrains the teacher
+  and student bases (after one tokenizer), later seeds post-train from them;
+  per_seed: each pretrains its own."""
+  r1_tiny = _r1_tiny()
+  tasks = r1_tiny.plan(str(tmp_path), [0, 1], smoke=False)
+  by_name = {t.name: t for t in tasks}
+  assert list(by_name) == ["seed0/tokenizer", "seed0/teacher base", "seed0/student base",
+                           "seed0/r1", "seed1/r1", "seed0/distill", "seed1/distill",
+                           "seed0/student_rl", "seed1/student_rl"]
+  for i, t in enumerate(tasks):  # every dependency comes earlier in the list
+    assert all(d in [u.name for u in tasks[:i]] for d in t.deps), t.name
+  assert by_name["seed0/teacher base"].deps == by_name["seed0/student base"].deps == (
+      "seed0/tokenizer",)
   teacher, student = (os.path.join(tmp_path, "seed0", *p) for p in
                       (("r1", "r1_zero", "base"), ("distill", "student_base")))
-  by_dir = {w: flags for _, w, flags in calls}
-  assert [w for _, w, _ in calls] == [f"seed{s}/{n}" for s in (0, 1)
-                                      for n in ("r1", "distill", "student_rl")]
-  assert by_dir["seed0/r1"] == ("--config.seed=0",)  # seed 0 pretrains both bases
-  assert f"--config.base_workdir={teacher}" in by_dir["seed1/r1"]
-  assert f"--config.student_base_workdir={student}" in by_dir["seed1/distill"]
+  argv = lambda name: by_name[name].argv
+  assert "--config.seed=0" in argv("seed0/r1") and not any(
+      "base_workdir" in a for a in argv("seed0/r1"))  # finds its base in place
+  assert f"--config.base_workdir={teacher}" in argv("seed1/r1")
+  assert f"--config.student_base_workdir={student}" in argv("seed1/distill")
+  assert by_name["seed1/distill"].deps == ("seed1/r1", "seed0/student base")
   for s in (0, 1):
-    assert f"--config.base_workdir={student}" in by_dir[f"seed{s}/student_rl"]
-    assert f"--config.seed={s}" in by_dir[f"seed{s}/r1"]
-  calls.clear()
-  r1_tiny.main([f"--workdir={tmp_path}", "--seeds=0,1", "--bases=per_seed"])
-  assert not any("seed0" in f for _, w, flags in calls if w.startswith("seed1")
-                 for f in flags)
+    assert f"--config.base_workdir={student}" in argv(f"seed{s}/student_rl")
+    assert f"--config.seed={s}" in argv(f"seed{s}/r1")
+  per_seed = r1_tiny.plan(str(tmp_path), [0, 1], smoke=False, bases="per_seed")
+  assert {"seed1/tokenizer", "seed1/teacher base", "seed1/student base"} <= {
+      t.name for t in per_seed}
+  assert not any("seed0" in a for t in per_seed if t.name.startswith("seed1")
+                 for a in t.argv + list(t.deps))
+
+
+def test_r1_tiny_schedule_runs_tasks_in_parallel_after_their_deps(tmp_path):
+  r1_tiny = _r1_tiny()
+  T = lambda name, deps=(), code="": r1_tiny.Task(
+      name, [sys.executable, "-c", f"import time,sys; t = time.time(); time.sleep(0.5); {code}"
+             f"open({str(tmp_path / name)!r}, 'w').write(f'{{t}} {{time.time()}}')"],
+      str(tmp_path / name), str(tmp_path / f"{name}.log"), deps)
+  seconds = r1_tiny.schedule([T("a"), T("b"), T("c", ("a", "b")), T("d")], jobs=2, poll_s=0.05)
+  assert set(seconds) == {"a", "b", "c", "d"} and all(v >= 0.5 for v in seconds.values())
+  (a0, a1), (b0, b1), (c0, c1), (d0, d1) = (
+      map(float, open(tmp_path / n).read().split()) for n in "abcd")
+  assert c0 >= max(a1, b1)  # started after both its deps finished
+  assert a0 < b1 and b0 < a1 and d0 < c1  # two at a time
+  # A finished task is reused; a failing one stops new starts and names its log.
+  assert r1_tiny.schedule([T("a")], jobs=1, poll_s=0.05) == {"a": 0.0}
+  with pytest.raises(SystemExit, match="e.log"):
+    r1_tiny.schedule([T("e", code="sys.exit(3); "), T("f", ("e",))], jobs=2, poll_s=0.05)
+  assert not os.path.exists(tmp_path / "f.log")

@@ -112,7 +112,8 @@ def test_distillation_and_the_r1_tiny_table(smoke_run, tmp_path):
   seed_dir = tmp_path / "seed0"
   seed_dir.mkdir()
   os.symlink(smoke_run, seed_dir / "r1")  # the finished R1 run is reused, not rerun
-  r1_tiny.run_seed(str(tmp_path), 0, smoke=True)  # distill (sequence) + the RL-only student
+  # The student base, distillation (sequence) and the RL-only student, through the CLI.
+  r1_tiny.main([f"--workdir={tmp_path}", "--seeds=0", "--smoke"])
   dist = json.load(open(seed_dir / "distill" / "results.json"))
   data = [json.loads(l) for l in open(smoke_run / "rejection_sft" / "data" / "data.jsonl")]
   assert dist["method"] == "sequence" and dist["data"]["examples"] == len(data)
@@ -122,6 +123,8 @@ def test_distillation_and_the_r1_tiny_table(smoke_run, tmp_path):
   teacher_tok = smoke_run / "r1_zero" / "base" / "tokenizer.model"
   assert open(teacher_tok, "rb").read() == open(
       seed_dir / "distill" / "student_base" / "tokenizer.model", "rb").read()
+  out = json.load(open(tmp_path / "results.json"))
+  assert out["wall"]["ran"] == 3 and out["wall"]["tasks"] == 6  # tokenizer, bases, r1 reused
   out = r1_tiny.write_table(str(tmp_path), [0])
   rows = out[0]["rows"]
   assert set(rows) == {"base", "r1_zero", "r1/cold_start", "r1/reasoning_rl", "r1/rejection_sft",

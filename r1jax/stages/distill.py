@@ -63,14 +63,16 @@ def data_path(config: ml_collections.ConfigDict) -> str:
   return os.path.join(config.teacher_workdir, "rejection_sft", "data", "data.jsonl")
 
 
-def student_base(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """The student base's directory, pretraining it with the teacher's tokenizer when needed."""
+def student_base(config: ml_collections.ConfigDict, workdir: str,
+                 tokenizer: str | None = None) -> str:
+  """The student base's directory, pretraining it when needed with `tokenizer`
+  (a tokenizer.model path; None = the teacher's)."""
   if config.student_base_workdir:
     return config.student_base_workdir
   base_dir = os.path.join(workdir, "student_base")
   if not os.path.exists(os.path.join(base_dir, "results.json")):
     os.makedirs(base_dir, exist_ok=True)
-    tok = teacher_tokenizer_path(config)
+    tok = tokenizer or teacher_tokenizer_path(config)
     for suffix in (".model", ".vocab"):  # pretrain reuses WORKDIR/tokenizer.model when present
       if os.path.exists(tok[:-len(".model")] + suffix):
         shutil.copyfile(tok[:-len(".model")] + suffix,

@@ -79,17 +79,26 @@ def dynamics_by_step(metrics_path: str) -> dict:
   return {"step": [r["step"] for r in rows], **{k: [r.get(k) for r in rows] for k in keys}}
 
 
+def pretrain_base(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The base's directory: `base_workdir`, or WORKDIR/base pretrained with
+  `config.pretrain` unless its results.json is there already."""
+  if config.base_workdir:
+    return config.base_workdir
+  base_dir = os.path.join(workdir, "base")
+  if not os.path.exists(os.path.join(base_dir, "results.json")):
+    os.makedirs(base_dir, exist_ok=True)
+    with open(os.path.join(base_dir, "config.json"), "w") as f:
+      f.write(config.pretrain.to_json_best_effort(indent=2))
+    pretrain.run(config.pretrain, base_dir)
+  return base_dir
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t0 = time.perf_counter()
   if config.grpo.get("train_file"):  # a bad task file fails now, not after pretraining
     datasets.load_problems(config.grpo.train_file, data_dir=config.grpo.get("data_dir") or None,
                            on_error=config.grpo.get("on_bad_line", "raise"))
-  base_dir = config.base_workdir or os.path.join(workdir, "base")
-  if not config.base_workdir and not os.path.exists(os.path.join(base_dir, "results.json")):
-    os.makedirs(base_dir, exist_ok=True)
-    with open(os.path.join(base_dir, "config.json"), "w") as f:
-      f.write(config.pretrain.to_json_best_effort(indent=2))
-    pretrain.run(config.pretrain, base_dir)
+  base_dir = pretrain_base(config, workdir)
   tok_path = os.path.join(base_dir, "tokenizer.model")
   if not os.path.exists(tok_path):
     raise ConfigError(f"base_workdir {base_dir} has no tokenizer.model; pretrain it first")
