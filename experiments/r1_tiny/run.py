@@ -20,8 +20,8 @@ other seeds start every post-training stage from them with their own seed;
 --bases=per_seed pretrains both for every seed.
 
 The tasks run --jobs at a time as their inputs become ready. Sampling, most
-of every stage's time, keeps one core busy, so two jobs on a 2-core machine
-take about half the time of one. Each task logs to SEED/<task>.log; a task
+of every stage's time, keeps one core busy, so a 2-core machine runs two
+jobs: the two-seed run took 71 min wall for 139 min of task time. Each task logs to SEED/<task>.log; a task
 whose results.json exists is reused.
 
 Writes WORKDIR/table.md and WORKDIR/results.json (rows x seeds, the paper's
