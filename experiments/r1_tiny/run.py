@@ -21,8 +21,8 @@ other seeds start every post-training stage from them with their own seed;
 
 The tasks run --jobs at a time as their inputs become ready. Sampling, most
 of every stage's time, keeps one core busy, so a 2-core machine runs two
-jobs: the two-seed run took 71 min wall for 139 min of task time. Each task logs to SEED/<task>.log; a task
-whose results.json exists is reused.
+jobs: the two-seed run took 71 min wall for 139 min of task time. Each task
+logs to SEED/<task>.log; a task whose results.json exists is reused.
 
 Writes WORKDIR/table.md and WORKDIR/results.json (rows x seeds, the paper's
 four findings checked per seed, and the wall time). `--smoke` runs the
@@ -73,18 +73,19 @@ def plan(workdir: str, seeds: list[int], smoke: bool, bases: str = "shared") -> 
     done = {"tokenizer": os.path.join(teacher, "tokenizer.model"),
             "teacher": os.path.join(teacher, "results.json"),
             "student": os.path.join(student, "results.json")}
+    names = {"tokenizer": f"seed{seed}/tokenizer", "teacher": f"seed{seed}/teacher base",
+             "student": f"seed{seed}/student base"}
     for what in BASES:
       argv = [sys.executable, os.path.abspath(__file__), f"--pretrain_base={what}",
               f"--workdir={workdir}", f"--seeds={seed}", *(["--smoke"] if smoke else [])]
-      tasks.append(Task(f"seed{seed}/{what} base" if what != "tokenizer" else f"seed{seed}/tokenizer",
-                        argv, done[what], os.path.join(d, f"{what}_base.log"),
-                        () if what == "tokenizer" else (f"seed{seed}/tokenizer",)))
+      tasks.append(Task(names[what], argv, done[what], os.path.join(d, f"{what}_base.log"),
+                        () if what == "tokenizer" else (names["tokenizer"],)))
 
   def main(config, run_dir, *flags):
     return [sys.executable, "-m", "r1jax.main", f"--config={REPO}/{config}",
             f"--workdir={run_dir}", "--config.train.progress_bar=False", *flags]
 
-  runs = []
+  r1_runs, distills, students = [], [], []
   for seed in seeds:
     d = os.path.join(workdir, f"seed{seed}")
     owner = seed if seed in owners else owners[0]
@@ -93,20 +94,20 @@ def plan(workdir: str, seeds: list[int], smoke: bool, bases: str = "shared") -> 
     r1, dist, srl = (os.path.join(d, n) for n in ("r1", "distill", "student_rl"))
     s = f"--config.seed={seed}"
     tb, sb = f"seed{owner}/teacher base", f"seed{owner}/student base"
-    runs.append((0, Task(f"seed{seed}/r1", main(
+    r1_runs.append(Task(f"seed{seed}/r1", main(
         f"configs/r1.py:{preset}", r1, s, *([f"--config.base_workdir={teacher}"] if shared else [])),
-        os.path.join(r1, "results.json"), os.path.join(d, "r1.log"), (tb,))))
-    runs.append((1, Task(f"seed{seed}/distill", main(
+        os.path.join(r1, "results.json"), os.path.join(d, "r1.log"), (tb,)))
+    distills.append(Task(f"seed{seed}/distill", main(
         f"configs/distill.py:{preset}", dist, s, f"--config.teacher_workdir={r1}",
         *([f"--config.student_base_workdir={student}"] if shared else [])),
         os.path.join(dist, "results.json"), os.path.join(d, "distill.log"),
-        (f"seed{seed}/r1", sb))))
-    runs.append((2, Task(f"seed{seed}/student_rl", main(
+        (f"seed{seed}/r1", sb)))
+    students.append(Task(f"seed{seed}/student_rl", main(
         f"configs/r1_zero.py:{'smoke' if smoke else 'tiny-student'}", srl, s,
         f"--config.base_workdir={student}"),
-        os.path.join(srl, "results.json"), os.path.join(d, "student_rl.log"), (sb,))))
+        os.path.join(srl, "results.json"), os.path.join(d, "student_rl.log"), (sb,)))
   # The long R1 runs of all seeds first, then distillation, then the RL-only students.
-  return tasks + [t for _, t in sorted(runs, key=lambda r: r[0])]
+  return tasks + r1_runs + distills + students
 
 
 def pretrain_base(what: str, workdir: str, seed: int, smoke: bool) -> None:
@@ -219,8 +220,8 @@ def seed_table(d: str) -> tuple[dict, dict]:
 
 
 def write_table(workdir: str, seeds: list[int], wall: dict | None = None) -> dict:
-  """table.md and results.json; `wall` = {"seconds", "jobs", "ran", "tasks"} of the
-  invocation that produced them."""
+  """table.md and results.json; `wall` = {"seconds", "jobs", "ran", "tasks",
+  "task_seconds"} of the invocation that produced them."""
   out, lines = {}, []
   for seed in seeds:
     rows, info = seed_table(os.path.join(workdir, f"seed{seed}"))
