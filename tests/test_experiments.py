@@ -1,6 +1,6 @@
 """The experiment scripts at seconds-scale: experiments/r1_zero_dynamics
 (GRPO, PPO and curriculum runs from one base, table and plots) and an
-experiments/ablations sweep from that base."""
+experiments/ablations sweep from that base, and the operand probe on it."""
 
 import importlib.util
 import json
@@ -64,6 +64,31 @@ def test_an_ablation_sweep_from_that_base(dynamics, tmp_path):
   assert all(len(r["curve"]) == 1 and 0 <= r["pass@1"] <= 1 for r in rows.values())
   assert os.path.getsize(tmp_path / "test" / "curves.png") > 5000
   assert "| beta=0.04 |" in open(tmp_path / "test" / "table.md").read()
+
+
+def test_operand_probe_labels_every_step_word_by_its_source(dynamics):
+  spec = importlib.util.spec_from_file_location(
+      "operand_probe", os.path.join(REPO, "experiments", "operand_probe.py"))
+  probe = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(probe)
+  from r1jax.data import tinyworld  # pylint: disable=import-outside-toplevel
+  # "(9 - 3) * 2": "first we subtract 3 from 9 to get 6 . finally we multiply
+  # 6 by 2 to get 12 . so the answer is 12 ." (subtraction names b first)
+  problem = tinyworld._problem_from_tree(("*", ("-", 9, 3), 2))  # pylint: disable=protected-access
+  for lang in tinyworld.LANGS:
+    text, numbers = probe.labelled_document(problem, lang)
+    verbs = {"en": ("subtract", "multiply"), "la": ("subtrahimus", "multiplicamus")}[lang]
+    assert [(n, kind) for _, n, kind in numbers] == [
+        (verbs[0], "operators"), ("3", "next operands"), ("9", "first operand"),
+        ("6", "results"), (verbs[1], "operators"), ("6", "carried"), ("2", "next operands"),
+        ("12", "results"), ("12", "answer")]
+    assert all(text[at:at + len(n)] == n for at, n, _ in numbers)
+  # The CLI on the smoke base: one row, a share per kind.
+  workdir, _ = dynamics
+  out = _script("experiments/operand_probe.py", f"--model_path={workdir / 'base'}",
+                "--num_problems=8")
+  row = [line for line in out.splitlines() if line.startswith(f"| {workdir / 'base'} |")]
+  assert len(row) == 1 and row[0].count("%") == len(probe.KINDS), out
 
 
 def _r1_tiny():
