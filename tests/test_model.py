@@ -212,3 +212,31 @@ def test_preset_shapes_and_param_count(name):
       lambda t: model.init_with_output(jax.random.key(0), t), tokens)
   assert count_params(variables["params"]) == pytest.approx(PUBLISHED_PARAMS[name], rel=5e-3)
   assert logits.shape == (2, 16, c.vocab_size) and logits.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("equation,shape", [
+    ("BTD,DF->BTF", (8, 12)), ("BTD,DNH->BTNH", (8, 3, 4)), ("BTNH,NHD->BTD", (3, 4, 8))])
+def test_projections_on_cpu_equal_the_einsum_with_their_gradients(equation, shape):
+  """Einsum's CPU path (cpu_linear: a hand-written weight gradient) against
+  float64 NumPy: output, input gradient and weight gradient of sum(y * r)."""
+  from r1jax.models.layers import Einsum, _projection_out_dims  # pylint: disable=import-outside-toplevel
+  assert _projection_out_dims(equation) == len(equation.split("->")[1]) - 2
+  assert _projection_out_dims("BTD,DV->BV") is None and _projection_out_dims("BKGH,BKHS->BKGS") is None
+  rng = np.random.default_rng(0)
+  in_dims = len(equation.split(",")[0]) - 2
+  x = rng.standard_normal((2, 5, *shape[:in_dims])).astype(np.float32)
+  layer = Einsum(equation, shape, (None,) * len(shape), SMALL, name="proj")
+  params = nn.unbox(layer.init(jax.random.key(0), x))
+  kernel = np.asarray(params["params"]["kernel"], np.float64)
+  r = rng.standard_normal((2, 5, *shape[in_dims:]))
+  loss = lambda p, x: jnp.sum(layer.apply(p, x) * r)
+  (dp, dx) = jax.grad(loss, argnums=(0, 1))(params, x)
+  y = layer.apply(params, x)
+  want_y = np.einsum(equation, x.astype(np.float64), kernel)
+  out_letters = equation.split("->")[1]
+  x_letters, k_letters = equation.split("->")[0].split(",")
+  want_dx = np.einsum(f"{out_letters},{k_letters}->{x_letters}", r, kernel)
+  want_dk = np.einsum(f"{x_letters},{out_letters}->{k_letters}", x.astype(np.float64), r)
+  np.testing.assert_allclose(y, want_y, atol=1e-5)
+  np.testing.assert_allclose(dx, want_dx, atol=1e-5)
+  np.testing.assert_allclose(dp["params"]["kernel"], want_dk, atol=1e-4)

@@ -67,6 +67,43 @@ def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) 
   return out.astype(x_BTNH.dtype)
 
 
+def _projection_out_dims(equation: str) -> Optional[int]:
+  """For "BT<in>,<in><out>->BT<out>" (a projection of every token), the number
+  of output dims; None for any other einsum."""
+  inputs, out = equation.split("->")
+  x, kernel = inputs.split(",")
+  if not (x[:2] == out[:2] == "BT" and kernel == x[2:] + out[2:]):
+    return None
+  return len(out) - 2
+
+
+@jax.custom_vjp
+def cpu_linear(x_XI: jax.Array, w_IO: jax.Array) -> jax.Array:
+  """x @ w whose weight gradient multiplies an explicitly transposed x.
+
+  Left to itself, XLA:CPU computes the weight gradient x^T g with g transposed
+  inside the fusion that produces it (the SwiGLU backward: a [BT, F] array
+  written column by column, ~0.9 s per layer on the bench config). The
+  barrier makes x^T (the narrower operand) a transpose of its own and g a
+  plain row-major operand. Bench GRPO update (benchmarks/grpo_step.py): 12.2
+  -> 7.5 s. Only used on CPU, where the layout is the problem.
+  """
+  return x_XI @ w_IO
+
+
+def _cpu_linear_fwd(x_XI, w_IO):
+  return x_XI @ w_IO, (x_XI, w_IO)
+
+
+def _cpu_linear_bwd(residuals, g_XO):
+  x_XI, w_IO = residuals
+  x_IX = jax.lax.optimization_barrier(x_XI.T)
+  return g_XO @ w_IO.T, x_IX @ g_XO
+
+
+cpu_linear.defvjp(_cpu_linear_fwd, _cpu_linear_bwd)
+
+
 class Einsum(nn.Module):
   """A linear map written as an einsum against a kernel with logical axes.
 
@@ -85,7 +122,16 @@ class Einsum(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     c = self.config
     kernel = self.param("kernel", param_init(c, *self.axes), self.shape, c.param_dtype)
-    y = jnp.einsum(self.equation, x.astype(c.dtype), kernel.astype(c.dtype))
+    x, kernel = x.astype(c.dtype), kernel.astype(c.dtype)
+    out_dims = _projection_out_dims(self.equation)
+    if out_dims is not None and jax.default_backend() == "cpu":
+      # As the einsum, with the weight gradient's transpose taken apart (see
+      # `cpu_linear`): the projections' backward on CPU ran 1.6x faster.
+      out_shape = self.shape[len(self.shape) - out_dims:]
+      x_XI = x.reshape(math.prod(x.shape[:2]), -1)
+      y = cpu_linear(x_XI, kernel.reshape(x_XI.shape[1], -1)).reshape(*x.shape[:2], *out_shape)
+    else:
+      y = jnp.einsum(self.equation, x, kernel)
     if self.bias_shape is not None:
       bias = self.param(
           "bias", nn.with_logical_partitioning(nn.initializers.zeros, self.bias_axes),
