@@ -46,7 +46,7 @@ def labelled_document(problem, lang: str) -> tuple[str, list[tuple[int, str, str
   from r1jax.data import tinyworld  # pylint: disable=import-outside-toplevel
   text = tinyworld.plain_document(problem, lang, random.Random(0))
   solution_at = text.index("\nSolution: ") + len("\nSolution: ")
-  words, offset, numbers = text[solution_at:].split(" "), solution_at, []
+  words, offset, labelled = text[solution_at:].split(" "), solution_at, []
   # Each step sentence names its numbers in phrase order ("we subtract b
   # from a"), then the conclusion names the answer.
   labels = []
@@ -62,11 +62,11 @@ def labelled_document(problem, lang: str) -> tuple[str, list[tuple[int, str, str
   kinds = iter(labels)
   for w in words:
     if w.isdigit():
-      numbers.append((offset, w, next(kinds)[1]))
+      labelled.append((offset, w, next(kinds)[1]))
     elif w in _VERBS:
-      numbers.append((offset, w, "operators"))
+      labelled.append((offset, w, "operators"))
     offset += len(w) + 1
-  return text, numbers
+  return text, labelled
 
 
 def probe(model_path: str, num_problems: int, seed: int, lang: str) -> dict[str, float]:
@@ -82,16 +82,16 @@ def probe(model_path: str, num_problems: int, seed: int, lang: str) -> dict[str,
   mesh = make_mesh({"data": -1})
   model, params, model_state, tok, _ = load_r1jax_model(model_path, mesh)
   problems = tinyworld.generate_problems("heldout", num_problems, seed)
-  rows, targets = [], []  # targets: (row, token index, number's token count, kind)
+  rows, targets = [], []  # targets: (row, first token index, the word's token count, kind)
   for i, p in enumerate(problems):
-    text, numbers = labelled_document(p, lang)
+    text, labelled = labelled_document(p, lang)
     ids = [tok.bos_id] + tok.encode(text)
     rows.append(ids)
-    for offset, number, kind in numbers:
+    for offset, word, kind in labelled:
       before = [tok.bos_id] + tok.encode(text[:offset - 1])  # up to the space before it
-      through = [tok.bos_id] + tok.encode(text[:offset + len(number)])
+      through = [tok.bos_id] + tok.encode(text[:offset + len(word)])
       if ids[:len(before)] != before or ids[:len(through)] != through:
-        raise AssertionError(f"tokenisation of {number!r} depends on what follows: {text!r}")
+        raise AssertionError(f"tokenisation of {word!r} depends on what follows: {text!r}")
       targets.append((i, len(before), len(through) - len(before), kind))
   T = max(map(len, rows))
   tokens = np.full((len(rows), T), tok.pad_id, np.int32)

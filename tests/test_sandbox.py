@@ -203,6 +203,29 @@ HOSTILE = {
 }
 
 
+def test_a_sandbox_failure_is_tried_once_more(monkeypatch):
+  """A sandbox_error (the host's failure, not the program's) gets a second
+  run; a second failure is reported as such."""
+  box = Sandbox(LIMITS, workers=1)
+  real, calls = box._run, []  # pylint: disable=protected-access
+
+  def flaky(*args):
+    calls.append(1)
+    if len(calls) == 1 or fail_always:
+      raise OSError(11, "fork failed")
+    return real(*args)
+
+  monkeypatch.setattr(box, "_run", flaky)
+  fail_always = False
+  result = box.run("print(6 * 7)")
+  assert (result.status, result.stdout, len(calls)) == ("ok", b"42\n", 2)
+  calls.clear()
+  fail_always = True
+  result = box.run("print(6 * 7)")
+  assert (result.status, result.detail, len(calls)) == ("sandbox_error", "[Errno 11] fork failed", 2)
+  box.close()
+
+
 def test_hostile_programs_are_contained_and_score_zero(verifier):
   iso = verifier.sandbox.isolation
   names = [n for n in HOSTILE if n != "fork_bomb" or iso.limit_processes or iso.cgroup]

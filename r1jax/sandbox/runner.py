@@ -56,6 +56,10 @@ _UIDS_PER_PROCESS = 128
 # How long to keep reading output after the program exited (leftover children
 # without a pid namespace may hold the pipes open).
 _DRAIN_S = 0.2
+# Tries per run when the sandbox itself fails (status sandbox_error), and the
+# pause between them.
+_ATTEMPTS = 2
+_RETRY_PAUSE_S = 0.2
 T = TypeVar("T")
 
 
@@ -395,14 +399,28 @@ class Sandbox:
     for anything the program does."""
     limits = limits or self.limits
     uid = self._uids.get()  # also bounds concurrent runs to `workers`
-    start = time.monotonic()
     try:
-      return self._run(source, stdin, files or {}, limits, uid)
-    except OSError as e:  # the host failed us (no fds, no disk, ...): not the program's doing
-      logging.warning("sandbox: could not run a program: %s", e)
-      return RunResult("sandbox_error", None, b"", b"", time.monotonic() - start, detail=str(e))
+      # A sandbox_error is the host's failure, not the program's (seen once, in
+      # a full test run on a loaded 2-core machine): one more try.
+      for attempt in range(_ATTEMPTS):
+        result = self._run_once(source, stdin, files or {}, limits, uid)
+        if result.status != "sandbox_error":
+          break
+        logging.warning("sandbox: attempt %d of %d failed: %s", attempt + 1, _ATTEMPTS,
+                        result.detail)
+        if attempt + 1 < _ATTEMPTS:
+          time.sleep(_RETRY_PAUSE_S)
+      return result
     finally:
       self._uids.put(uid)
+
+  def _run_once(self, source: str, stdin: bytes, files: dict[str, bytes], limits: Limits,
+                uid: int) -> RunResult:
+    start = time.monotonic()
+    try:
+      return self._run(source, stdin, files, limits, uid)
+    except OSError as e:  # the host failed us (no fds, no disk, ...): not the program's doing
+      return RunResult("sandbox_error", None, b"", b"", time.monotonic() - start, detail=str(e))
 
   def _spec(self, root: str, uid: int, limits: Limits, report_fd: int,
             cgroup: Optional[_RunCgroup]) -> dict:
