@@ -83,9 +83,9 @@ def _cached_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
   batch axis would make XLA:CPU's matmuls 2x faster, but the reshape of the
   loop-carried cache made it copy the cache every decode step."""
   B, T, N, H = q_BTNH.shape
-  K = k_BKHS.shape[1]
   if T == 1:
     return _decode_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)
+  K = k_BKHS.shape[1]
   q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
   logits_BKGTS = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS,
                             preferred_element_type=jnp.float32) * (H ** -0.5)
