@@ -1,6 +1,8 @@
 """GRPO step anatomy and its distance from the FLOP floor, measured in the same run.
 
   python benchmarks/grpo_step.py [--presets bench tiny qwen2.5-math-1.5b] [--steps 2]
+      [--mid-layers 2] [--shape B G P N] [--dtype float32] [--micro-batches 1]
+      [--attention xla]
 
 `bench` is issue 10's bench config (benchmarks/roofline.py): 16 prompts x G=8,
 prompt 64, 128 new tokens, float32, beta 0 and mu 1 (so the update needs no
@@ -20,7 +22,10 @@ share of the step spent in each.
 
 `qwen2.5-math-1.5b` keeps the preset's widths and 151,936-token vocabulary
 but only `--mid-layers` of its 28 layers, so that it runs on a CPU; on an
-accelerator pass `--mid-layers 28`.
+accelerator pass `--mid-layers 28` (and e.g. `--dtype bfloat16 --shape 8 8
+128 383 --micro-batches 2 --attention cudnn`). Where the device's datasheet
+peak is known (benchmarks/mfu.py: PEAK), the update's MFU is printed too:
+its model FLOPs (3x the forward's) over its time and that peak.
 """
 
 import argparse
@@ -33,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import mfu
 import roofline
 
 from r1jax.losses.grpo import GRPOLoss
@@ -50,29 +56,36 @@ from r1jax.trainers.state import create_train_state
 SHAPES = {"bench": (16, 8, 64, 128), "tiny": (16, 8, 96, 96), "qwen2.5-math-1.5b": (2, 4, 64, 64)}
 
 
-def bench(name: str, steps: int, mid_layers: int) -> dict:
+def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "float32",
+          micro_batches: int = 1, attention: str = "xla") -> dict:
   cfg = roofline.BENCH if name == "bench" else get_preset(name)
   if name not in ("tiny", "bench"):
     cfg = dataclasses.replace(cfg, num_hidden_layers=mid_layers)
-  B, G, P, N = SHAPES[name]
+  B, G, P, N = shape or SHAPES[name]
+  cfg = cfg.replace(dtype=dtype, attention_impl=attention,
+                    max_position_embeddings=max(cfg.max_position_embeddings, P + N + 32))
+  mm_dtype = jnp.dtype(dtype)
   model = Transformer(cfg)
   mesh = make_mesh({"data": -1})
   tx = optax.adamw(1e-5)
-  state, shardings = create_train_state(model, tx, mesh, seed=0)
+  # The mid-size preset's params come from per-leaf draws (mfu.random_params):
+  # one jit of its whole init had not compiled after 170 s on an H100.
+  init = None if name in ("bench", "tiny") else mfu.random_params(model, mesh)
+  state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init)
   rng = np.random.default_rng(0)
   sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G, prompt_bucket=32)
   step_fn = functools.partial(grpo.grpo_train_step, model=model, loss=GRPOLoss(beta=0.0),
-                              tx=tx, temperature=1.0)
+                              tx=tx, temperature=1.0, micro_batches=micro_batches)
   runner = RewardRunner({"accuracy": (accuracy_reward_fn, 1.0), "format": (format_reward_fn, 1.0)},
                         workers=0)
   # Floors at this process's measured matmul rates (decode rows; training tokens).
   rows, seq = B * G, P + N
-  rates_dec = roofline.measure_rates(cfg, rows)
-  rates_trn = roofline.measure_rates(cfg, rows * seq)
-  floor_roll = (roofline.prefill_floor(cfg, B, P, roofline.measure_rates(cfg, B * P))
+  rates_dec = roofline.measure_rates(cfg, rows, mm_dtype)
+  rates_trn = roofline.measure_rates(cfg, rows * seq, mm_dtype)
+  floor_roll = (roofline.prefill_floor(cfg, B, P, roofline.measure_rates(cfg, B * P, mm_dtype))
                 + roofline.decode_floor(cfg, rows, P, N, rates_dec))
   floor_train = roofline.train_floor(cfg, rows, seq, rates_trn)
-  t_sample = t_reward = t_train = gen_tokens = train_tokens = 0.0
+  t_sample = t_reward = t_train = gen_tokens = train_tokens = train_flops = 0.0
   with mesh_rules(mesh):
     jitted = jit_train_step(step_fn, shardings, mesh)
     for i in range(steps + 1):  # step 0 compiles
@@ -98,17 +111,21 @@ def bench(name: str, steps: int, mid_layers: int) -> dict:
         t_train += t3 - t2
         gen_tokens += float(lengths.sum())
         train_tokens += float(host["segment_ids"].sum())
+        w, a = roofline.forward_flops(cfg, range(1, host["tokens"].shape[1] + 1))
+        train_flops += 3.0 * rows * (w + a)  # the padded rows the update computes
   runner.close()
   total_s = (t_sample + t_reward + t_train) / steps
   # Tokens actually generated may fall short of N (eos drawn): scale the floors.
   fill = gen_tokens / (steps * rows * N)
   floor = (floor_roll + floor_train) * fill
+  peak = mfu.peak_flops(jax.devices()[0].device_kind, dtype)
   return dict(preset=name, layers=cfg.num_hidden_layers, params=count_params(state.params),
               rows=rows, new_tokens=N, sample_tps=gen_tokens / t_sample,
               train_tps=train_tokens / t_train, sample_s=t_sample / steps,
               reward_s=t_reward / steps, train_s=t_train / steps, step_s=total_s,
               floor_sample_s=floor_roll * fill, floor_train_s=floor_train * fill, floor_s=floor,
-              x_floor=total_s / floor)
+              x_floor=total_s / floor, train_tflops=train_flops / t_train / 1e12,
+              train_mfu=train_flops / t_train / peak if peak else None)
 
 
 def main():
@@ -116,19 +133,27 @@ def main():
   parser.add_argument("--presets", nargs="+", default=["bench", "tiny"], choices=list(SHAPES))
   parser.add_argument("--steps", type=int, default=2)
   parser.add_argument("--mid-layers", type=int, default=2)
+  parser.add_argument("--shape", type=int, nargs=4, metavar=("B", "G", "P", "N"),
+                      help="prompts, samples per prompt, prompt and new tokens (all presets)")
+  parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--micro-batches", type=int, default=1)
+  parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
   args = parser.parse_args()
-  print(f"device: {jax.devices()[0].platform} x {jax.device_count()}")
+  print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, {args.dtype}")
   print(f"{'preset':<20}{'layers':>7}{'params':>12}{'rows':>6}{'new':>5}{'sample tok/s':>14}"
         f"{'train tok/s':>13}{'sample s':>10}{'reward s':>10}{'update s':>10}{'step s':>8}"
         f"{'floor s':>9}{'x floor':>9}")
   for name in args.presets:
-    r = bench(name, args.steps, args.mid_layers)
+    r = bench(name, args.steps, args.mid_layers, args.shape, args.dtype, args.micro_batches,
+              args.attention)
     print(f"{r['preset']:<20}{r['layers']:>7}{r['params']:>12,}{r['rows']:>6}{r['new_tokens']:>5}"
           f"{r['sample_tps']:>14.0f}{r['train_tps']:>13.0f}{r['sample_s']:>10.2f}"
           f"{r['reward_s']:>10.2f}{r['train_s']:>10.2f}{r['step_s']:>8.2f}{r['floor_s']:>9.2f}"
           f"{r['x_floor']:>9.2f}")
     print(f"{'':<20}floors: rollout {r['floor_sample_s']:.2f} s (measured {r['sample_s']:.2f}), "
           f"update {r['floor_train_s']:.2f} s (measured {r['train_s']:.2f})")
+    mfu_text = f", MFU {r['train_mfu']:.1%}" if r["train_mfu"] is not None else ""
+    print(f"{'':<20}update: {r['train_tflops']:.2f} TFLOP/s of model FLOPs{mfu_text}")
 
 
 if __name__ == "__main__":

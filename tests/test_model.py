@@ -240,3 +240,40 @@ def test_projections_on_cpu_equal_the_einsum_with_their_gradients(equation, shap
   np.testing.assert_allclose(y, want_y, atol=1e-5)
   np.testing.assert_allclose(dx, want_dx, atol=1e-5)
   np.testing.assert_allclose(dp["params"]["kernel"], want_dk, atol=1e-4)
+
+
+def test_attention_impl_is_checked():
+  with pytest.raises(ValueError, match="attention_impl"):
+    get_preset("tiny", attention_impl="flash")
+
+
+def test_one_sequence_attention_equals_float64_masked_attention_on_real_positions():
+  """attention_impl='cudnn' drops the segment mask for plain causal attention:
+  on right-padded one-sequence rows every real position must still get exactly
+  the masked result (checked here through XLA, since CPUs have no cuDNN)."""
+  from r1jax.models.attention import one_sequence_attention
+  B, T, N, K, H = 3, 16, 4, 2, 8
+  rng = np.random.default_rng(0)
+  q, k, v = (rng.standard_normal((B, T, n, H)) for n in (N, K, K))
+  lengths = [16, 9, 5]
+  out = np.asarray(one_sequence_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                                          implementation="xla"))
+  for b, n in enumerate(lengths):
+    for h in range(N):
+      kv = h // (N // K)
+      scores = q[b, :n, h] @ k[b, :n, kv].T / math.sqrt(H)
+      scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
+      p = np.exp(scores - scores.max(-1, keepdims=True))
+      ref = (p / p.sum(-1, keepdims=True)) @ v[b, :n, kv]
+      np.testing.assert_allclose(out[b, :n, h], ref, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(out).all()
+
+
+def test_sft_refuses_cudnn_attention_on_packed_rows():
+  import ml_collections
+  from r1jax.errors import ConfigError
+  from r1jax.trainers import sft
+  model = Transformer(get_preset("tiny", attention_impl="cudnn"))
+  config = ml_collections.ConfigDict(dict(train=dict(num_steps=1), seed=0))
+  with pytest.raises(ConfigError, match="attention_impl='cudnn'"):
+    sft.train(config, "/nonexistent", model=model, dataset=None, mesh=None, tx=None)

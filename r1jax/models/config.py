@@ -35,6 +35,13 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
+  # Training-path attention (no KV cache), jax.nn.dot_product_attention's
+  # implementation: "xla" (the segment mask: packed rows are exact) or "cudnn"
+  # (cuDNN's fused flash attention, NVIDIA GPUs, bf16/fp16). "cudnn" is plain
+  # causal attention without the mask: exact on the positions of rows that hold
+  # one right-padded sequence each (GRPO rollouts, evaluation), not on packed
+  # rows, so SFT with packing must keep "xla". Not a Hugging Face field.
+  attention_impl: str = "xla"
 
   def __post_init__(self):
     if self.num_attention_heads % self.num_key_value_heads:
@@ -45,6 +52,8 @@ class ModelConfig:
       raise ValueError(
           f"hidden_size={self.hidden_size} is not divisible by "
           f"num_attention_heads={self.num_attention_heads}; set head_dim")
+    if self.attention_impl not in ("xla", "cudnn"):
+      raise ValueError(f"attention_impl must be 'xla' or 'cudnn', got {self.attention_impl!r}")
     if self.rope_scaling_type not in (None, "llama3"):
       raise ValueError(f"unknown rope_scaling_type={self.rope_scaling_type!r}")
 

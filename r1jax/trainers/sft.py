@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from tqdm import tqdm
 
 from r1jax.checkpoint.manager import Checkpointer, abstract_like
+from r1jax.errors import ConfigError
 from r1jax.kernels import impl_from_config
 from r1jax.losses.sft import hidden_cross_entropy
 from r1jax.models.transformer import output_weights_DV
@@ -94,6 +95,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, dataset, me
   as `step_args`: jit arguments in their own shardings, never constants).
   """
   tc = config.train
+  if getattr(getattr(model, "config", None), "attention_impl", "xla") == "cudnn":
+    raise ConfigError("model.attention_impl='cudnn' is causal attention without the segment "
+                      "mask: exact only for rows holding one sequence each, and SFT rows are "
+                      "packed. Use 'xla' for SFT (cudnn is for GRPO updates).")
   state, shardings = create_train_state(model, tx, mesh, config.seed, init_params, rules,
                                         init_model_state=init_model_state)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
