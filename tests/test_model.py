@@ -277,3 +277,32 @@ def test_sft_refuses_cudnn_attention_on_packed_rows():
   config = ml_collections.ConfigDict(dict(train=dict(num_steps=1), seed=0))
   with pytest.raises(ConfigError, match="attention_impl='cudnn'"):
     sft.train(config, "/nonexistent", model=model, dataset=None, mesh=None, tx=None)
+
+
+@pytest.mark.parametrize("T", [1, 13, 16])
+def test_causal_halves_attention_equals_float64_on_packed_and_padded_rows(T):
+  """The CPU training path (first half of the queries against the first half
+  of the keys) against float64 softmax attention under the segment mask:
+  packed segments, padding, odd and tiny T."""
+  from r1jax.models.attention import causal_halves_attention
+  from r1jax.models.transformer import _training_mask
+  B, N, K, H = 2, 4, 2, 8
+  rng = np.random.default_rng(T)
+  q, k, v = (rng.standard_normal((B, T, n, H)) for n in (N, K, K))
+  seg = np.ones((B, T), np.int32)
+  seg[0, T // 3:] = 2  # two packed documents
+  seg[1, max(1, T - 3):] = 0  # padding at the end
+  mask = np.asarray(_training_mask(jnp.asarray(seg)))
+  out = np.asarray(causal_halves_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
+                                           jnp.asarray(mask)))
+  for b in range(B):
+    for t in range(T):
+      if seg[b, t] == 0:
+        continue
+      for h in range(N):
+        keys = np.flatnonzero(mask[b, t])
+        s = k[b, keys, h // (N // K)] @ q[b, t, h] / math.sqrt(H)
+        p = np.exp(s - s.max())
+        ref = (p / p.sum()) @ v[b, keys, h // (N // K)]
+        np.testing.assert_allclose(out[b, t, h], ref, rtol=1e-5, atol=1e-5)
+  assert np.isfinite(out).all()

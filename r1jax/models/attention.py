@@ -56,6 +56,8 @@ class Attention(nn.Module):
       # it ran ~1.6x faster than explicit einsums on CPU (fwd+bwd).
       if c.attention_impl == "cudnn":
         out_BTNH = one_sequence_attention(q_BTNH, k_BTKH, v_BTKH, implementation="cudnn")
+      elif jax.default_backend() == "cpu":
+        out_BTNH = causal_halves_attention(q_BTNH, k_BTKH, v_BTKH, mask_BTS)
       else:
         out_BTNH = jax.nn.dot_product_attention(
             q_BTNH, k_BTKH, v_BTKH, mask=mask_BTS[:, None], implementation="xla")
@@ -86,6 +88,36 @@ def one_sequence_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Arr
   causal flash attention (a [B, T, T] mask made jax hand cuDNN a bias tensor)."""
   return jax.nn.dot_product_attention(q_BTNH, k_BTKH, v_BTKH, is_causal=True,
                                       implementation=implementation)
+
+
+def causal_halves_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
+                            mask_BTS: jax.Array) -> jax.Array:
+  """Masked attention whose first half of queries reads only the first half of
+  the keys (the mask is causal: the rest are masked anyway), with GQA's query
+  groups stacked as rows of [B, K] batched products. The training path on CPU:
+  bench-shaped forward + backward per layer ([128, 224] tokens, 4 query / 2 kv
+  heads of 64, YNNPACK off as in updates) took 0.26 s against 0.39 s for
+  jax.nn.dot_product_attention.
+  Real positions get the masked result exactly; a fully masked (padding)
+  query averages the keys of its half instead of all keys."""
+  B, T, N, H = q_BTNH.shape
+  K = k_BTKH.shape[2]
+  G = N // K
+  q_BKTGH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
+  k_BKHS, v_BKSH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)
+  outs = []
+  for start, end in ((0, T // 2), (T // 2, T)):
+    if end == start:
+      continue
+    q_BKMH = q_BKTGH[:, :, start:end].reshape(B, K, (end - start) * G, H)  # M = (t, g)
+    logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS[..., :end],
+                             preferred_element_type=jnp.float32) * (H ** -0.5)
+    mask_B1MS = jnp.repeat(mask_BTS[:, start:end, :end], G, axis=1)[:, None]
+    logits_BKMS = jnp.where(mask_B1MS, logits_BKMS, _MASKED)
+    probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BKSH.dtype)
+    out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH[:, :, :end])
+    outs.append(out_BKMH.reshape(B, K, end - start, G, H))
+  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 def _cached_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
