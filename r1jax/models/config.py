@@ -35,12 +35,12 @@ class ModelConfig:
   dtype: str = "float32"  # activation / matmul dtype
   param_dtype: str = "float32"
   remat: bool = False  # rematerialise each block in the backward pass
-  # Training-path attention (no KV cache), jax.nn.dot_product_attention's
-  # implementation: "xla" (the segment mask: packed rows are exact) or "cudnn"
+  # Training-path attention (no KV cache): "xla" (the segment mask, so packed
+  # rows are exact; on CPU attention.causal_halves_attention) or "cudnn"
   # (cuDNN's fused flash attention, NVIDIA GPUs, bf16/fp16). "cudnn" is plain
   # causal attention without the mask: exact on the positions of rows that hold
-  # one right-padded sequence each (GRPO rollouts, evaluation), not on packed
-  # rows, so SFT with packing must keep "xla". Not a Hugging Face field.
+  # one right-padded sequence each (GRPO update batches), not on packed rows,
+  # so SFT, which packs, refuses it. Not a Hugging Face field.
   attention_impl: str = "xla"
 
   def __post_init__(self):
