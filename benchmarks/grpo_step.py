@@ -42,7 +42,7 @@ import mfu
 import roofline
 
 from r1jax.losses.grpo import GRPOLoss
-from r1jax.models.config import ModelConfig, get_preset
+from r1jax.models.config import get_preset
 from r1jax.models.transformer import Transformer, count_params
 from r1jax.parallel.mesh import batch_sharding, make_mesh, mesh_rules
 from r1jax.rewards import RewardRunner, accuracy_reward_fn, format_reward_fn
@@ -68,10 +68,8 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
   model = Transformer(cfg)
   mesh = make_mesh({"data": -1})
   tx = optax.adamw(1e-5)
-  # The mid-size preset's params come from per-leaf draws (mfu.random_params):
-  # one jit of its whole init had not compiled after 170 s on an H100.
-  init = None if name in ("bench", "tiny") else mfu.random_params(model, mesh)
-  state, shardings = create_train_state(model, tx, mesh, seed=0, init_params=init)
+  state, shardings = create_train_state(model, tx, mesh, seed=0,
+                                        init_params=mfu.random_params(model, mesh))
   rng = np.random.default_rng(0)
   sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G, prompt_bucket=32)
   step_fn = functools.partial(grpo.grpo_train_step, model=model, loss=GRPOLoss(beta=0.0),

@@ -29,6 +29,7 @@ that one that runs out of memory leaves the rest of the table. On a CPU, try
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
@@ -61,7 +62,8 @@ def peak_flops(device_kind: str, dtype: str):
 
 
 def run_one(v: dict) -> dict:
-  """Builds, compiles and times one variant in this process."""
+  """Builds, compiles and times one variant in this process. jax is imported
+  here, in the child, so that the parent never claims accelerator memory."""
   import jax
   import jax.numpy as jnp
   import optax
@@ -137,11 +139,12 @@ def run_one(v: dict) -> dict:
               of_matmul=flops / step_s / mm_rate, peak_gib=stats.get("peak_bytes_in_use", 0) / 2**30)
 
 
-def random_params(model, mesh, seed: int = 0):
-  """N(0, 0.02) weights (norm scales 1), replicated on `mesh`, one small
-  jitted draw per distinct leaf shape. One jit of the whole 28-layer init
-  tripped XLA's slow-compile alarm on an H100 and had not finished after
-  170 s; with these draws a whole variant (two compilations) took ~80 s."""
+def random_params(model, mesh=None, seed: int = 0):
+  """N(0, 0.02) weights (norm scales 1), replicated on `mesh` when given, one
+  small jitted draw per distinct leaf shape (every benchmark's random model).
+  One jit of the whole 28-layer init tripped XLA's slow-compile alarm on an
+  H100 and had not finished after 170 s; with these draws a whole variant
+  (two compilations) took ~80 s."""
   import flax.linen as nn
   import jax
   import jax.numpy as jnp
@@ -155,9 +158,10 @@ def random_params(model, mesh, seed: int = 0):
                  static_argnums=(1, 2, 3))
   # On the mesh, as create_train_state's own init puts them (single-device
   # arrays made the step compile a second time once it returned mesh arrays).
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  place = ((lambda x: x) if mesh is None else functools.partial(
+      jax.device_put, device=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())))
   return jax.tree_util.tree_unflatten(treedef, [
-      jax.device_put(draw(k, getattr(path[-1], "key", "") == "scale", x.shape, x.dtype), replicated)
+      place(draw(k, getattr(path[-1], "key", "") == "scale", x.shape, x.dtype))
       for k, (path, x) in zip(keys, paths_leaves)])
 
 

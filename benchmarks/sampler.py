@@ -21,28 +21,20 @@ import argparse
 import dataclasses
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import mfu
 import roofline
 from r1jax.models.config import get_preset
 from r1jax.models.transformer import Transformer
 from r1jax.sampling.sampler import SamplingConfig, _sample, truncate_logits
 
 
-def random_params(model, seed=0):
-  shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
-  rng = np.random.default_rng(seed)
-  fill = lambda path, x: jnp.asarray(rng.normal(0.0, 0.02, x.shape) + (path[-1].key == "scale"),
-                                     x.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes["params"])
-
-
 def time_sampler(config, prompts, group, prompt_len, new_tokens, repeats, share_prefix=True):
   model = Transformer(config)
-  params = random_params(model)
+  params = mfu.random_params(model)
   rng = np.random.default_rng(0)
   batch = [rng.integers(1, config.vocab_size, prompt_len).tolist() for _ in range(prompts)]
   # A few rows may draw eos (the last id) early; the loop runs while any row

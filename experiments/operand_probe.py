@@ -37,14 +37,15 @@ flags.DEFINE_string("lang", "en", "language of the worked solutions: en | la")
 
 KINDS = ("first operand", "next operands", "carried", "operators", "results", "answer")
 # The verb of each step sentence, in both languages.
-_VERBS = {"add", "subtract", "multiply", "addimus", "subtrahimus", "multiplicamus"}
-
-
 def labelled_document(problem, lang: str) -> tuple[str, list[tuple[int, str, str]]]:
   """The plain worked document and, for every number and step verb in its
   solution, (char offset, the word, its kind)."""
   from r1jax.data import tinyworld  # pylint: disable=import-outside-toplevel
   text = tinyworld.plain_document(problem, lang, random.Random(0))
+  # The step verbs, from the step phrases themselves ("we subtract {b} ...").
+  verbs = {phrase.removeprefix("we ").split()[0]
+           for phrases in tinyworld._STEP_PHRASES.values()  # pylint: disable=protected-access
+           for phrase in phrases.values()}
   solution_at = text.index("\nSolution: ") + len("\nSolution: ")
   words, offset, labelled = text[solution_at:].split(" "), solution_at, []
   # Each step sentence names its numbers in phrase order ("we subtract b
@@ -63,7 +64,7 @@ def labelled_document(problem, lang: str) -> tuple[str, list[tuple[int, str, str
   for w in words:
     if w.isdigit():
       labelled.append((offset, w, next(kinds)[1]))
-    elif w in _VERBS:
+    elif w in verbs:
       labelled.append((offset, w, "operators"))
     offset += len(w) + 1
   return text, labelled

@@ -94,52 +94,48 @@ def one_sequence_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Arr
 def causal_halves_attention(q_BTNH: jax.Array, k_BTKH: jax.Array, v_BTKH: jax.Array,
                             mask_BTS: jax.Array) -> jax.Array:
   """Masked attention whose first half of queries reads only the first half of
-  the keys (the mask is causal: the rest are masked anyway), with GQA's query
-  groups stacked as rows of [B, K] batched products. The training path on CPU:
-  bench-shaped forward + backward per layer ([128, 224] tokens, 4 query / 2 kv
-  heads of 64, YNNPACK off as in updates) took 0.26 s against 0.39 s for
+  the keys (the mask is causal: the rest are masked anyway), each half through
+  `_grouped_attention`. The training path on CPU: bench-shaped forward +
+  backward per layer ([128, 224] tokens, 4 query / 2 kv heads of 64, YNNPACK
+  off as in updates) took 0.26 s against 0.39 s for
   jax.nn.dot_product_attention.
   Real positions get the masked result exactly; a fully masked (padding)
   query averages the keys of its half instead of all keys."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BTKH.shape[2]
-  G = N // K
-  q_BKTGH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4)
+  T = q_BTNH.shape[1]
   k_BKHS, v_BKSH = k_BTKH.transpose(0, 2, 3, 1), v_BTKH.transpose(0, 2, 1, 3)
-  outs = []
-  for start, end in ((0, T // 2), (T // 2, T)):
-    if end == start:
-      continue
-    q_BKMH = q_BKTGH[:, :, start:end].reshape(B, K, (end - start) * G, H)  # M = (t, g)
-    logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS[..., :end],
-                             preferred_element_type=jnp.float32) * (H ** -0.5)
-    mask_B1MS = jnp.repeat(mask_BTS[:, start:end, :end], G, axis=1)[:, None]
-    logits_BKMS = jnp.where(mask_B1MS, logits_BKMS, _MASKED)
-    probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BKSH.dtype)
-    out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH[:, :, :end])
-    outs.append(out_BKMH.reshape(B, K, end - start, G, H))
-  return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+  return jnp.concatenate(
+      [_grouped_attention(q_BTNH[:, start:end], k_BKHS[..., :end], v_BKSH[:, :, :end],
+                          mask_BTS[:, start:end, :end])
+       for start, end in ((0, T // 2), (T // 2, T)) if end > start], axis=1)
 
 
 def _cached_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
                       mask_BTS: jax.Array) -> jax.Array:
-  """Softmax attention of T queries over the S cache slots, GQA as a (K, N/K)
-  split of the query heads, reading the cache in its own layout
-  (dot_product_attention on the cache transposed and repeated it every step:
-  1.5x the bytes of this path per decode step on CPU). Merging (B, K) into one
-  batch axis would make XLA:CPU's matmuls 2x faster, but the reshape of the
-  loop-carried cache made it copy the cache every decode step."""
-  B, T, N, H = q_BTNH.shape
-  if T == 1:
+  """Softmax attention of T queries over the S cache slots, reading the cache
+  in its own layout (dot_product_attention on the cache transposed and
+  repeated it every step: 1.5x the bytes of this path per decode step on CPU).
+  Merging (B, K) into one batch axis would make XLA:CPU's matmuls 2x faster,
+  but the reshape of the loop-carried cache made it copy the cache every
+  decode step."""
+  if q_BTNH.shape[1] == 1:
     return _decode_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)
+  return _grouped_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)
+
+
+def _grouped_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
+                       mask_BTS: jax.Array) -> jax.Array:
+  """Softmax attention of T queries over S head-major keys/values, GQA's N/K
+  query groups stacked as rows (M = (t, g)) of [B, K] batched products."""
+  B, T, N, H = q_BTNH.shape
   K = k_BKHS.shape[1]
-  q_BKGTH = q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 3, 1, 4)
-  logits_BKGTS = jnp.einsum("BKGTH,BKHS->BKGTS", q_BKGTH, k_BKHS,
-                            preferred_element_type=jnp.float32) * (H ** -0.5)
-  logits_BKGTS = jnp.where(mask_BTS[:, None, None], logits_BKGTS, _MASKED)
-  probs_BKGTS = jax.nn.softmax(logits_BKGTS, axis=-1).astype(v_BKSH.dtype)
-  out_BKGTH = jnp.einsum("BKGTS,BKSH->BKGTH", probs_BKGTS, v_BKSH)
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H)
+  G = N // K
+  q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+  logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS,
+                           preferred_element_type=jnp.float32) * (H ** -0.5)
+  logits_BKMS = jnp.where(jnp.repeat(mask_BTS, G, axis=1)[:, None], logits_BKMS, _MASKED)
+  probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BKSH.dtype)
+  out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH)
+  return out_BKMH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
 
 
 def _decode_attention(q_B1NH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
