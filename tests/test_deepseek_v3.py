@@ -18,6 +18,7 @@ import pytest
 from r1jax.models import deepseek_v3 as dsv3
 from r1jax.models import mla, moe
 from r1jax.models.deepseek_v3 import DeepseekV3, DeepseekV3Config
+from tests.test_model import shared_prefix_logits
 
 SMALL = DeepseekV3Config(
     vocab_size=61, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
@@ -242,6 +243,23 @@ def test_mla_cache_holds_latent_and_rope_key_and_decode_equals_forward():
   # A wrong decode position is far outside the tolerance: the check can fail.
   logits_off, _ = apply(model, variables, step, pos + 1, np.ones_like(step), cache)
   assert np.abs(np.asarray(logits_off) - np.asarray(logits)).max() > 1e-2
+
+
+def test_mla_shared_prefix_decode_equals_full_forward():
+  """Rows decoding after a prompt shared through SharedPrefix (latent prefix
+  read once per prompt) reproduce each row's full forward."""
+  c = PARITY
+  model = DeepseekV3(c)
+  variables = random_variables(model, seed=1, bias_scale=0.1, std=0.2)
+  G, prompt_lens = 2, (1, 13, 7)
+  prompts = [s[:n] for s, n in zip(TOKENS, prompt_lens)]
+  conts = TOKENS[:, 20:26].repeat(G, axis=0)[::-1].copy()
+  got = shared_prefix_logits(model, apply, variables, prompts, conts, G)
+  for r, cont in enumerate(conts):
+    prompt = prompts[r // G]
+    full, _ = forward_with_stats(model, variables, jnp.asarray(np.concatenate([prompt, cont]))[None])
+    np.testing.assert_allclose(got[r], np.asarray(full)[0, len(prompt):], atol=TOL, rtol=0,
+                               err_msg=f"row {r}")
 
 
 # ---------------------------------------------------------------------------

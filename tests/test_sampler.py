@@ -13,7 +13,8 @@ import pytest
 from r1jax.models.config import get_preset
 from r1jax.models.transformer import Transformer
 from r1jax.sampling.sampler import (
-    SamplingConfig, _generate, _head_logits, _sample, sample, truncate_logits)
+    SamplingConfig, _generate, _head_logits, _sample, decode_segment_ends, sample,
+    truncate_logits)
 
 CONFIG = get_preset(
     "tiny", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -316,6 +317,39 @@ def test_shared_prefill_cuts_prefill_flops_by_g_and_samples_the_same(params):
   B = len(PROMPTS)
   ratio = _prefill_flops(params, B * G) / _prefill_flops(params, B)
   assert ratio >= 10, ratio
+
+
+def test_decode_segments_sample_the_same(params):
+  """Decoding in segments over a growing cache (early steps skip the empty
+  tail) samples what one loop over the whole cache samples."""
+  assert decode_segment_ends(128, 4) == [32, 64, 96, 127]  # multiples of 8 where there is room
+  assert decode_segment_ends(11, 4) == [3, 6, 9, 10]
+  assert decode_segment_ends(2, 4) == [1] and decode_segment_ends(1, 4) == []
+  one = dataclasses.replace(SAMPLED, max_new_tokens=11, decode_segments=1)
+  for share in (True, False):
+    a = run(params, PROMPTS, dataclasses.replace(one, share_prefix=share), rng=3)
+    b = run(params, PROMPTS, dataclasses.replace(one, share_prefix=share, decode_segments=4),
+            rng=3)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_moe_model_samples_the_same_with_a_shared_prefix():
+  """DeepSeek-V3 (MLA's latent cache) through the sampler: the shared prompt
+  prefix samples what G prefilled copies sample."""
+  from tests.test_deepseek_v3 import SMALL, random_variables
+  from r1jax.models.deepseek_v3 import DeepseekV3
+  model = DeepseekV3(SMALL)
+  variables = random_variables(model, seed=2, bias_scale=0.1, std=0.3)
+  params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+  config = dataclasses.replace(SAMPLED, max_new_tokens=6)
+  prompts = [[t % (SMALL.vocab_size - 1) for t in p] for p in PROMPTS]
+  outs = [jax.tree.map(np.asarray, sample(
+      model, params, prompts, jax.random.key(1), dataclasses.replace(config, share_prefix=s),
+      eos_id=SMALL.vocab_size - 1, model_state=state)) for s in (True, False)]
+  np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
+  np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
+  assert len(np.unique(outs[0].tokens[:4], axis=0)) > 1  # the G samples differ
 
 
 def test_finished_rows_stop_the_loop_early_in_wall_time(params):

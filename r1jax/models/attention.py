@@ -34,7 +34,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-               cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None):
+               cache: Optional[LayerCache] = None, cache_index: Optional[jax.Array] = None,
+               prefix: Optional[tuple[LayerCache, jax.Array]] = None):
+    """`prefix`: with a cache, a shared prompt prefix and its valid slots
+    (`shared_prefix_attention`) that every row attends to before its cache."""
     c = self.config
     N, K, H = c.num_attention_heads, c.num_key_value_heads, c.head_size
     D = c.hidden_size
@@ -70,8 +73,11 @@ class Attention(nn.Module):
       new_cache = LayerCache(
           k=jax.lax.dynamic_update_slice(cache.k, k_BKHT, (0, 0, 0, cache_index)),
           v=jax.lax.dynamic_update_slice(cache.v, v_BKTH, (0, 0, cache_index, 0)))
-      out_BTNH = _cached_attention(q_BTNH, new_cache.k.astype(c.dtype),
-                                   new_cache.v.astype(c.dtype), mask_BTS)
+      k_BKHS, v_BKSH = new_cache.k.astype(c.dtype), new_cache.v.astype(c.dtype)
+      if prefix is None:
+        out_BTNH = _cached_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS)
+      else:
+        out_BTNH = shared_prefix_attention(q_BTNH, k_BKHS, v_BKSH, mask_BTS, *prefix)
     out_BTNH = nn.with_logical_constraint(
         out_BTNH, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
     out_BTD = Einsum("BTNH,NHD->BTD", (N, H, D), ("heads", "head_dim", "embed"), c,
@@ -141,17 +147,80 @@ def _grouped_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
 def _decode_attention(q_B1NH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
                       mask_B1S: jax.Array) -> jax.Array:
   """One query per row (a decode step): both products as multiply-and-reduce
-  over the cache instead of batched [G, H] x [H, S] matmuls, which XLA:CPU runs
-  as B*K tiny GEMMs. The barriers keep the two reductions out of the softmax's
-  fusions (fused, XLA recomputed the scores for each of the softmax's passes).
-  Bench config, 4 layers: 8.4 -> 4.0 ms per decode step on CPU
-  (benchmarks/sampler.py: 2.19 -> 1.86-1.98 s)."""
+  over the cache (`_row_scores`, `_row_weighted`). Bench config, 4 layers:
+  8.4 -> 4.0 ms per decode step on CPU (benchmarks/sampler.py: 2.19 ->
+  1.86-1.98 s)."""
   B, _, N, H = q_B1NH.shape
   K = k_BKHS.shape[1]
   q_BKGH = q_B1NH.reshape(B, K, N // K, H).astype(jnp.float32)
-  logits_BKGS = jnp.sum(q_BKGH[..., None] * k_BKHS[:, :, None].astype(jnp.float32), axis=-2)
-  logits_BKGS = jax.lax.optimization_barrier(logits_BKGS) * (H ** -0.5)
+  logits_BKGS = _row_scores(q_BKGH, k_BKHS) * (H ** -0.5)
   logits_BKGS = jnp.where(mask_B1S[:, None], logits_BKGS, _MASKED)
   probs_BKGS = jax.lax.optimization_barrier(jax.nn.softmax(logits_BKGS, axis=-1))
-  out_BKGH = jnp.sum(probs_BKGS[..., None] * v_BKSH[:, :, None].astype(jnp.float32), axis=-2)
-  return out_BKGH.reshape(B, 1, N, H).astype(v_BKSH.dtype)
+  return _row_weighted(probs_BKGS, v_BKSH).reshape(B, 1, N, H).astype(v_BKSH.dtype)
+
+
+def _row_scores(q_BKMH: jax.Array, k_BKHS: jax.Array) -> jax.Array:
+  """Float32 q.k of a few queries per (row, kv head) as a multiply-and-reduce,
+  not batched [M, H] x [H, S] matmuls that XLA:CPU runs as B*K tiny GEMMs. The
+  barrier keeps the reduction out of the softmax's fusions (fused, XLA
+  recomputed the scores for each of the softmax's passes)."""
+  return jax.lax.optimization_barrier(
+      jnp.sum(q_BKMH[..., None] * k_BKHS[:, :, None].astype(jnp.float32), axis=-2))
+
+
+def _row_weighted(probs_BKMS: jax.Array, v_BKSH: jax.Array) -> jax.Array:
+  """Float32 probs @ v of a few queries per (row, kv head), as `_row_scores`."""
+  return jnp.sum(probs_BKMS[..., None] * v_BKSH[:, :, None].astype(jnp.float32), axis=-2)
+
+
+def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
+                            mask_BTS: jax.Array, prefix: LayerCache,
+                            prefix_valid_PS: jax.Array) -> jax.Array:
+  """Attention of each row's T queries over its prompt's keys, then its own
+  cache slots. Rows are prompt-major: rows p*G .. p*G+G-1 share prompt p's
+  `prefix` (keys [P, K, H, S'], values [P, K, S', H]; `prefix_valid_PS` marks
+  its real slots), which comes before every slot of their own caches. The
+  prefix is read once per prompt, as one [G*T*N/K, H] x [H, S'] product per
+  prompt and kv head, instead of once per row from G repeated copies.
+  Equals attention over the concatenated [prefix; own] slots (the G samples
+  of a prompt attend to the same prompt keys and values)."""
+  B, T, N, H = q_BTNH.shape
+  P, K = prefix.k.shape[0], k_BKHS.shape[1]
+  G, M = B // P, T * (N // K)  # samples per prompt; query rows per (row, kv head)
+  q_BKMH = (q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 1, 3, 4)
+            .reshape(B, K, M, H).astype(jnp.float32))
+  by_prompt = lambda x: x.reshape(P, G, K, M, -1).transpose(0, 2, 1, 3, 4).reshape(
+      P, K, G * M, -1)
+  by_row = lambda x: x.reshape(P, K, G, M, -1).transpose(0, 2, 1, 3, 4).reshape(B, K, M, -1)
+  prefix_logits_BKMS = by_row(jnp.einsum(
+      "PKMH,PKHS->PKMS", by_prompt(q_BKMH), prefix.k.astype(jnp.float32)))
+  if T == 1:
+    own_logits_BKMS = _row_scores(q_BKMH, k_BKHS)
+  else:
+    own_logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS.astype(jnp.float32))
+  # One softmax over [prefix; own] slots, in two parts (a concatenation of
+  # the logits cost ~1/8 of the bench decode step on CPU).
+  scale = H ** -0.5
+  prefix_mask_B1S = jnp.repeat(prefix_valid_PS, G, axis=0)[:, None]
+  prefix_logits_BKMS = jnp.where(prefix_mask_B1S[:, None], prefix_logits_BKMS * scale, _MASKED)
+  own_logits_BKMS = jnp.where(jnp.repeat(mask_BTS, N // K, axis=1)[:, None],
+                              own_logits_BKMS * scale, _MASKED)
+  prefix_probs_BKMS, own_probs_BKMS = jax.lax.optimization_barrier(
+      two_part_softmax(prefix_logits_BKMS, own_logits_BKMS))
+  out_BKMH = by_row(jnp.einsum("PKMS,PKSH->PKMH", by_prompt(prefix_probs_BKMS),
+                               prefix.v.astype(jnp.float32)))
+  if T == 1:
+    out_BKMH += _row_weighted(own_probs_BKMS, v_BKSH)
+  else:
+    out_BKMH += jnp.einsum("BKMS,BKSH->BKMH", own_probs_BKMS, v_BKSH.astype(jnp.float32))
+  return (out_BKMH.reshape(B, K, T, N // K, H).transpose(0, 2, 1, 3, 4)
+          .reshape(B, T, N, H).astype(v_BKSH.dtype))
+
+
+def two_part_softmax(a_xS: jax.Array, b_xS: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """softmax(concatenate([a, b], -1)) split back into its two parts, without
+  materialising the concatenation."""
+  max_x1 = jnp.maximum(a_xS.max(-1, keepdims=True), b_xS.max(-1, keepdims=True))
+  exp_a, exp_b = jnp.exp(a_xS - max_x1), jnp.exp(b_xS - max_x1)
+  total_x1 = exp_a.sum(-1, keepdims=True) + exp_b.sum(-1, keepdims=True)
+  return exp_a / total_x1, exp_b / total_x1

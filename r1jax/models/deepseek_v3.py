@@ -48,7 +48,8 @@ import numpy as np
 from r1jax.models.layers import MLP, Einsum, RMSNorm, param_init
 from r1jax.models.mla import MLA, MLACache
 from r1jax.models.moe import BIAS, STATE, MoE
-from r1jax.models.transformer import KVCache, _cache_mask, _training_mask, output_logits
+from r1jax.models.transformer import (KVCache, _cache_mask, _training_mask, layer_prefix,
+                                     output_logits)
 
 _ACT = ("activation_batch", "activation_length", "activation_embed")
 DISPATCH = ("dropless", "capacity")
@@ -213,11 +214,11 @@ class DecoderLayer(nn.Module):
   moe: bool
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, valid_BT):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, valid_BT, prefix=None):
     c = self.config
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
     h_BTD, new_cache = MLA(c, name="self_attn")(
-        norm("input_layernorm")(x_BTD), positions_BT, mask_BTS, cache, cache_index)
+        norm("input_layernorm")(x_BTD), positions_BT, mask_BTS, cache, cache_index, prefix)
     x_BTD = nn.with_logical_constraint(x_BTD + h_BTD, _ACT)
     h_BTD = norm("post_attention_layernorm")(x_BTD)
     if self.moe:
@@ -286,7 +287,7 @@ class DeepseekV3(nn.Module):
       layer_cache = None if cache is None else cache.layers[i]
       index = None if cache is None else cache.index
       x_BTD, layer_cache = layer_cls(c, moe=c.is_moe_layer(i), name=f"layers_{i}")(
-          x_BTD, positions_BT, mask_BTS, layer_cache, index, valid_BT)
+          x_BTD, positions_BT, mask_BTS, layer_cache, index, valid_BT, layer_prefix(cache, i))
       new_layers.append(layer_cache)
 
     if c.num_nextn_predict_layers and cache is None and self.is_mutable_collection("mtp"):
@@ -298,7 +299,7 @@ class DeepseekV3(nn.Module):
         self.sow("mtp", f"hidden_{k}", normed_BTD)
 
     x_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x_BTD)
-    new_cache = None if cache is None else KVCache(
+    new_cache = None if cache is None else cache.replace(
         layers=tuple(new_layers), valid_BS=new_valid, index=cache.index + T)
     if return_hidden:
       return x_BTD, new_cache

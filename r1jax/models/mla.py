@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from r1jax.models.attention import two_part_softmax
 from r1jax.models.layers import Einsum, RMSNorm, apply_rope, param_init
 
 _MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
@@ -143,7 +144,11 @@ class MLA(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, positions_BT: jax.Array, mask_BTS: jax.Array,
-               cache: Optional[MLACache] = None, cache_index: Optional[jax.Array] = None):
+               cache: Optional[MLACache] = None, cache_index: Optional[jax.Array] = None,
+               prefix: Optional[tuple[MLACache, jax.Array]] = None):
+    """`prefix`: with a cache, a shared prompt prefix (MLACache of P prompts)
+    and its valid slots [P, S'] that rows p*G .. p*G+G-1 attend to before
+    their own slots (transformer.SharedPrefix)."""
     c = self.config
     D, N = c.hidden_size, c.num_attention_heads
     Hn, Hr, Hv, R = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank
@@ -189,8 +194,26 @@ class MLA(nn.Module):
       q_latent_BTNR = jnp.einsum("BTNH,RNH->BTNR", q_nope_BTNH, w_uk_RNH)
       logits_BNTS = (jnp.einsum("BTNR,BSR->BNTS", q_latent_BTNR, latent_BSR)
                      + jnp.einsum("BTNH,BSH->BNTS", q_rope_BTNH, k_rope_BSH))
-      probs_BNTS = _softmax(logits_BNTS, mask_BTS, scale).astype(c.dtype)
-      out_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR)
+      if prefix is None:
+        probs_BNTS = _softmax(logits_BNTS, mask_BTS, scale).astype(c.dtype)
+        out_BTNR = jnp.einsum("BNTS,BSR->BTNR", probs_BNTS, latent_BSR)
+      else:  # the prompt's slots first, read once per prompt for its G rows
+        prefix_cache, prefix_valid_PS = prefix
+        B, T, P, S = q_BTNH.shape[0], q_BTNH.shape[1], *prefix_valid_PS.shape
+        by_prompt = lambda x: x.reshape(P, B // P, *x.shape[1:])
+        prefix_latent_PSR = prefix_cache.kv_latent.astype(c.dtype)
+        prefix_logits_BNTS = (
+            jnp.einsum("PGTNR,PSR->PGNTS", by_prompt(q_latent_BTNR), prefix_latent_PSR)
+            + jnp.einsum("PGTNH,PSH->PGNTS", by_prompt(q_rope_BTNH),
+                         prefix_cache.k_rope.astype(c.dtype))).reshape(B, -1, T, S)
+        prefix_mask_B1S = jnp.repeat(prefix_valid_PS, B // P, axis=0)[:, None]
+        masked = lambda logits, mask: jnp.where(
+            mask[:, None], logits.astype(jnp.float32) * scale, _MASKED)
+        prefix_probs_BNTS, probs_BNTS = two_part_softmax(
+            masked(prefix_logits_BNTS, prefix_mask_B1S), masked(logits_BNTS, mask_BTS))
+        out_BTNR = (jnp.einsum("PGNTS,PSR->PGTNR", by_prompt(prefix_probs_BNTS.astype(c.dtype)),
+                               prefix_latent_PSR).reshape(q_latent_BTNR.shape)
+                    + jnp.einsum("BNTS,BSR->BTNR", probs_BNTS.astype(c.dtype), latent_BSR))
       out_BTNH = jnp.einsum("BTNR,RNH->BTNH", out_BTNR, w_uv_RNH)
 
     out_BTNH = nn.with_logical_constraint(

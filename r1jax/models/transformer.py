@@ -24,13 +24,25 @@ _ACT = ("activation_batch", "activation_length", "activation_embed")
 
 
 @flax.struct.dataclass
+class SharedPrefix:
+  """Prompts' keys/values that groups of consecutive cache rows share: with P
+  prompts and B rows, rows p*G .. p*G+G-1 (G = B / P) attend to prompt p's
+  slots before their own. Per-layer caches of P rows (either model family's)."""
+
+  layers: tuple
+  valid_BS: jax.Array  # [P, S'] bool: the prompt's real (not padding) slots
+
+
+@flax.struct.dataclass
 class KVCache:
   """Decode state: per-layer keys/values, which slots hold real tokens, and
-  the next slot to write (shared by the batch; left padding keeps rows aligned)."""
+  the next slot to write (shared by the batch; left padding keeps rows aligned).
+  With a `prefix`, every row first attends to its prompt's shared slots."""
 
   layers: tuple[LayerCache, ...]
   valid_BS: jax.Array  # bool
   index: jax.Array  # int32 scalar
+  prefix: Optional[SharedPrefix] = None
 
   @property
   def max_length(self) -> int:
@@ -55,11 +67,11 @@ class Block(nn.Module):
   config: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index):
+  def __call__(self, x_BTD, positions_BT, mask_BTS, cache, cache_index, prefix=None):
     c = self.config
     norm = lambda name: RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name=name)
     h_BTD, new_cache = Attention(c, name="self_attn")(
-        norm("input_layernorm")(x_BTD), positions_BT, mask_BTS, cache, cache_index)
+        norm("input_layernorm")(x_BTD), positions_BT, mask_BTS, cache, cache_index, prefix)
     x_BTD = nn.with_logical_constraint(x_BTD + h_BTD, _ACT)
     x_BTD = x_BTD + MLP(c, name="mlp")(norm("post_attention_layernorm")(x_BTD))
     return nn.with_logical_constraint(x_BTD, _ACT), new_cache
@@ -131,15 +143,22 @@ class Transformer(nn.Module):
       layer_cache = None if cache is None else cache.layers[i]
       index = None if cache is None else cache.index
       x_BTD, layer_cache = block_cls(c, name=f"layers_{i}")(
-          x_BTD, positions_BT, mask_BTS, layer_cache, index)
+          x_BTD, positions_BT, mask_BTS, layer_cache, index, layer_prefix(cache, i))
       new_layers.append(layer_cache)
     x_BTD = RMSNorm(c.rms_norm_eps, c.dtype, c.param_dtype, name="norm")(x_BTD)
 
-    new_cache = None if cache is None else KVCache(
+    new_cache = None if cache is None else cache.replace(
         layers=tuple(new_layers), valid_BS=new_valid, index=cache.index + T)
     if return_hidden:
       return x_BTD, new_cache
     return output_logits(c, embed, x_BTD), new_cache
+
+
+def layer_prefix(cache: Optional[KVCache], i: int):
+  """Layer i's shared prefix and its valid slots, or None."""
+  if cache is None or cache.prefix is None:
+    return None
+  return cache.prefix.layers[i], cache.prefix.valid_BS
 
 
 def output_logits(c, embed: nn.Embed, x_BTD: jax.Array) -> jax.Array:

@@ -1,10 +1,13 @@
 """Batched KV-cache sampler: one prefill per prompt, then a jitted decode loop.
 
 `sample(model, params, prompts, rng, config, eos_id=...)` left-pads the prompts
-to a bucketed length, prefills them once (batch B), repeats the cache G times
-(rows ordered prompt-major: row = prompt * G + sample) and decodes inside one
-`jax.lax.while_loop` that stops when every row has hit eos / a stop token or
-`max_new_tokens` is reached. Everything after the host-side padding runs in a
+to a bucketed length, prefills them once (batch B) and decodes B*G rows
+(prompt-major: row = prompt * G + sample). The prompts' cache is shared, not
+repeated: each row attends to its prompt's slots (read once per prompt per
+step, `SharedPrefix`) and then to its own cache of new tokens. Decoding runs
+in `jax.lax.while_loop`s that stop when every row has hit eos / a stop token
+or `max_new_tokens` is reached; `decode_segments` loops, each over a cache
+only as long as its steps need. Everything after the host-side padding runs in a
 single jitted function, compiled once per model, shapes and structural knobs
 (see `sample`), so repeated calls with prompts in the same length bucket reuse it.
 
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.errors import UserError
-from r1jax.models.transformer import KVCache, Transformer, output_weights_DV
+from r1jax.models.transformer import KVCache, SharedPrefix, Transformer, output_weights_DV
 
 
 class SamplingError(UserError, ValueError):
@@ -46,6 +49,11 @@ class SamplingConfig:
   # Prefill each prompt once and share its cache across its G samples; False
   # prefills every copy (what the PyTorch anchors do; kept to measure against).
   share_prefix: bool = True
+  # Decode in this many loops, each over a cache only as long as its steps
+  # need (grown between loops): early steps do not read the cache's empty
+  # tail. One more compiled copy of the decode step per segment; 1 = one loop
+  # over the whole cache.
+  decode_segments: int = 4
 
   def __post_init__(self):
     if self.max_new_tokens < 1:
@@ -60,6 +68,8 @@ class SamplingConfig:
       raise SamplingError(f"num_samples={self.num_samples} must be >= 1")
     if self.prompt_bucket < 1:
       raise SamplingError(f"prompt_bucket={self.prompt_bucket} must be >= 1")
+    if self.decode_segments < 1:
+      raise SamplingError(f"decode_segments={self.decode_segments} must be >= 1")
     # Lists (e.g. from an ml_collections config) would make the config unhashable.
     object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
 
@@ -125,7 +135,8 @@ def _sample(model, params, prompts, rng, config, *, eos_id, pad_id, max_cache_le
       np.int32(pad_id), max_new_tokens=config.max_new_tokens,
       num_samples=config.num_samples, greedy=config.temperature == 0.0,
       truncate=config.top_k > 0 or config.top_p < 1.0, max_cache_length=max_cache_length,
-      share_prefix=config.share_prefix, model_state=model_state or {})
+      share_prefix=config.share_prefix, decode_segments=config.decode_segments,
+      model_state=model_state or {})
 
 
 def _pad_prompts(model, prompts, config, *, eos_id, pad_id, max_cache_length):
@@ -188,27 +199,32 @@ def prefill(model: Transformer, variables, tokens_BP: jax.Array, lengths_B: jax.
 
 @functools.partial(jax.jit, static_argnames=(
     "model", "max_new_tokens", "num_samples", "greedy", "truncate", "max_cache_length",
-    "share_prefix"))
+    "share_prefix", "decode_segments"))
 def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.Array,
               rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
               stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
               num_samples: int, greedy: bool, truncate: bool,
-              max_cache_length: int, share_prefix: bool = True,
+              max_cache_length: int, share_prefix: bool = True, decode_segments: int = 1,
               model_state=None) -> tuple[SampleOutput, jax.Array]:
   """Prefill + decode loop. Returns the output and the number of decode steps run."""
   B, P = tokens_BP.shape
   G, N = num_samples, max_new_tokens
   variables = {"params": params, **(model_state or {})}
+  ends = decode_segment_ends(N, decode_segments)
   rep = lambda x: jnp.repeat(x, G, axis=0)  # prompt-major: row = prompt * G + sample
   if share_prefix:
-    # Prefill once per prompt; the G samples share it: repeat the cache.
-    logits_BV, cache = prefill(model, variables, tokens_BP, lengths_B, max_cache_length)
-    cache = KVCache(layers=jax.tree.map(rep, cache.layers), valid_BS=rep(cache.valid_BS),
-                    index=cache.index)
+    # Prefill once per prompt into a cache of its P slots, which the G samples
+    # share (SharedPrefix: read once per prompt, never repeated); each row
+    # decodes into its own cache of the new tokens' slots.
+    logits_BV, prompt_cache = prefill(model, variables, tokens_BP, lengths_B, P)
+    own_slots = max_cache_length - P
+    cache = model.init_cache(B * G, ends[0] if len(ends) > 1 else own_slots).replace(
+        prefix=SharedPrefix(layers=prompt_cache.layers, valid_BS=prompt_cache.valid_BS))
     logits_BV = rep(logits_BV)
-  else:  # every copy prefilled (G times the prefill FLOPs)
+  else:  # every copy prefilled (G times the prefill FLOPs), prompt in each row's cache
+    own_slots = max_cache_length
     logits_BV, cache = prefill(model, variables, rep(tokens_BP), rep(lengths_B),
-                               max_cache_length)
+                               P + ends[0] if len(ends) > 1 else own_slots)
   lengths_B = rep(lengths_B)  # from here on B means the B*G decode rows
   keys_B = jax.vmap(lambda b, g: jax.random.fold_in(jax.random.fold_in(rng, b), g))(
       jnp.arange(B * G) // G, jnp.arange(B * G) % G)
@@ -229,9 +245,11 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
   done_B = jnp.isin(token_B, stop_ids)
   out_lengths_B = jnp.ones((B * G,), jnp.int32)
 
-  def cond(state):
-    step, _, _, _, done_B, _ = state
-    return (step < N) & ~jnp.all(done_B)
+  def cond(last_step):
+    def go_on(state):
+      step, _, _, _, done_B, _ = state
+      return (step <= last_step) & ~jnp.all(done_B)
+    return go_on
 
   def body(state):
     step, cache, tokens_BN, logprobs_BN, done_B, out_lengths_B = state
@@ -248,12 +266,43 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
     done_B = done_B | jnp.isin(token_B, stop_ids)
     return step + 1, cache, tokens_BN, logprobs_BN, done_B, out_lengths_B
 
+  # Step s writes the row's own slot s - 1 (P + s - 1 with the prompt in the
+  # row's cache) and reads the slots up to it: a segment ending at step s runs
+  # on a cache of just those slots, grown for the next one.
   state = (jnp.ones((), jnp.int32), cache, tokens_BN, logprobs_BN, done_B, out_lengths_B)
-  steps, _, tokens_BN, logprobs_BN, done_B, out_lengths_B = jax.lax.while_loop(
-      cond, body, state)
+  for last_step in ends:
+    length = own_slots if last_step == N - 1 else last_step + (0 if share_prefix else P)
+    state = (state[0], _grow_cache(model, state[1], length), *state[2:])
+    state = jax.lax.while_loop(cond(last_step), body, state)
+  steps, _, tokens_BN, logprobs_BN, done_B, out_lengths_B = state
   out = SampleOutput(tokens=tokens_BN, logprobs=logprobs_BN, lengths=out_lengths_B,
                      finished=done_B)
   return out, steps
+
+
+def _grow_cache(model, cache: KVCache, length: int) -> KVCache:
+  """`cache` with `length` slots: its slots first, empty ones after (every
+  array of either family's cache starts with them at index 0); the shared
+  prefix is kept as it is."""
+  if cache.max_length == length:
+    return cache
+  empty = model.init_cache(cache.valid_BS.shape[0], length,
+                           dtype=jax.tree.leaves(cache.layers)[0].dtype)
+  grow = lambda new, old: jax.lax.dynamic_update_slice(new, old, (0,) * old.ndim)
+  return cache.replace(layers=jax.tree.map(grow, empty.layers, cache.layers),
+                       valid_BS=grow(empty.valid_BS, cache.valid_BS))
+
+
+def decode_segment_ends(max_new_tokens: int, segments: int) -> list[int]:
+  """The last decode step of each segment: steps 1..max_new_tokens-1 cut into
+  at most `segments` runs of equal length (a multiple of 8 where there is room)."""
+  steps = max_new_tokens - 1
+  if steps < 1:
+    return []
+  size = -(-steps // segments)
+  if size > 8:
+    size = -(-size // 8) * 8
+  return sorted({min(end, steps) for end in range(size, steps + size, size)})
 
 
 def _head_logits(model: Transformer, params, hidden_BD: jax.Array) -> jax.Array:
