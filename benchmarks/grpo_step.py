@@ -81,7 +81,7 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
   rates_dec = roofline.measure_rates(cfg, rows, mm_dtype)
   rates_trn = roofline.measure_rates(cfg, rows * seq, mm_dtype)
   floor_roll = (roofline.prefill_floor(cfg, B, P, roofline.measure_rates(cfg, B * P, mm_dtype))
-                + roofline.decode_floor(cfg, rows, P, N, rates_dec))
+                + roofline.decode_floor(cfg, rows, P, N, rates_dec, group=G))
   floor_train = roofline.train_floor(cfg, rows, seq, rates_trn)
   t_sample = t_reward = t_train = gen_tokens = train_tokens = train_flops = 0.0
   with mesh_rules(mesh):

@@ -16,8 +16,9 @@ like with like. For a dense decoder (r1jax.models.config.ModelConfig):
   `rows` tokens at each of `contexts` positions divided by those rates, plus
   attention over the real context (not the padded cache) at the larger of its
   FLOPs at the best matmul rate and its KV-cache bytes at the measured
-  bandwidth (decode attention reads the cache once per token: memory-bound):
-  no implementation of that forward pass can take less on this machine.
+  bandwidth (decode attention reads the cache once per token: memory-bound;
+  a prompt shared by G samples counts once): no implementation of that
+  forward pass can take less on this machine.
 - `decode_floor`, `prefill_floor`, `train_floor`: the sampler's and the GRPO
   update's floors (a training token costs its forward + 2x in the backward).
 
@@ -115,28 +116,35 @@ def forward_flops(c: ModelConfig, contexts: Sequence[int]) -> tuple[float, float
 
 
 def floor_seconds(c: ModelConfig, rows: int, contexts: Sequence[int],
-                  rates: dict) -> float:
-  """Seconds for `rows` rows' forward at each of `contexts` at the measured rates."""
+                  rates: dict, *, shared: int = 0, group: int = 1) -> float:
+  """Seconds for `rows` rows' forward at each of `contexts` at the measured
+  rates (`shared`, `group`: as in attention_seconds)."""
   t = 0.0
   for _, k, n, cnt in model_matmuls(c):
     t += 2.0 * k * n * cnt * rows * len(contexts) / rates[(k, n)]
-  return t + attention_seconds(c, rows, contexts, rates)
+  return t + attention_seconds(c, rows, contexts, rates, shared=shared, group=group)
 
 
-def attention_seconds(c: ModelConfig, rows: int, contexts: Sequence[int], rates) -> float:
+def attention_seconds(c: ModelConfig, rows: int, contexts: Sequence[int], rates, *,
+                      shared: int = 0, group: int = 1) -> float:
   """Attention of `rows` rows' tokens at `contexts`: FLOPs at the best matmul
-  rate or, when more, the keys and values each token reads at the bandwidth."""
+  rate or, when more, the keys and values read at the bandwidth. The first
+  `shared` slots of every context hold the same keys for each `group` of
+  consecutive rows (G samples of one prompt), so they are read once per group."""
   _, flops = forward_flops(c, contexts)
-  cache_bytes = (2.0 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * 4
-                 * float(sum(contexts)))
-  return rows * max(flops / rates["attention"], cache_bytes / rates["bandwidth"])
+  slot_bytes = 2.0 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * 4
+  slots = rows * (sum(contexts) - shared * len(contexts)) + rows / group * shared * len(contexts)
+  return max(rows * flops / rates["attention"], slot_bytes * slots / rates["bandwidth"])
 
 
-def decode_floor(c: ModelConfig, rows: int, prompt_len: int, new_tokens: int, rates) -> float:
+def decode_floor(c: ModelConfig, rows: int, prompt_len: int, new_tokens: int, rates, *,
+                 group: int = 1) -> float:
   """Decoding `new_tokens` for `rows` rows after a `prompt_len` prompt (the
   first new token comes from the prefill's last position, the rest from
-  new_tokens - 1 decode steps)."""
-  return floor_seconds(c, rows, range(prompt_len + 1, prompt_len + new_tokens), rates)
+  new_tokens - 1 decode steps); `group` rows share each prompt's keys and
+  values (1: every row has its own copy)."""
+  return floor_seconds(c, rows, range(prompt_len + 1, prompt_len + new_tokens), rates,
+                       shared=prompt_len, group=group)
 
 
 def prefill_floor(c: ModelConfig, prompts: int, prompt_len: int, rates) -> float:
@@ -170,7 +178,7 @@ def main():
     name = f"[.,{key[0]}]x[{key[0]},{key[1]}]"
     print(f"{name:<22}{dec[key] / 1e9:>16.1f}{trn[key] / 1e9:>18.1f}")
   rows = s["prompts"] * s["group"]
-  d = decode_floor(c, rows, s["prompt_len"], s["new_tokens"], dec)
+  d = decode_floor(c, rows, s["prompt_len"], s["new_tokens"], dec, group=s["group"])
   p = prefill_floor(c, s["prompts"], s["prompt_len"], trn)
   t = train_floor(c, rows, s["prompt_len"] + s["new_tokens"], trn)
   print(f"read bandwidth: {dec['bandwidth'] / 1e9:.1f} GB/s")

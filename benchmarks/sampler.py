@@ -13,7 +13,8 @@ timings exclude compilation, best of --repeats):
 - `tiny`: the tiny world's preset at its R1-Zero shape (16 x 8, prompt 32, 64 new).
 
 floor = prefill floor + decode floor at the matmul rates measured just before
-(roofline.py); fraction = floor / measured time. Then the top-p truncation of
+(roofline.py; with a shared prefill the prompt's keys count once per prompt,
+as the sampler reads them); fraction = floor / measured time. Then the top-p truncation of
 one decode step at a 151,936-token vocabulary: sorting vs the sort-free search.
 """
 
@@ -87,7 +88,7 @@ def main():
     rates_dec = roofline.measure_rates(config, B * G)
     rates_pre = roofline.measure_rates(config, B * P if share else B * G * P)
     floor = (roofline.prefill_floor(config, B if share else B * G, P, rates_pre)
-             + roofline.decode_floor(config, B * G, P, N, rates_dec))
+             + roofline.decode_floor(config, B * G, P, N, rates_dec, group=G if share else 1))
     t, generated = time_sampler(config, B, G, P, N, args.repeats, share_prefix=share)
     w, a = roofline.forward_flops(config, range(P + 1, P + N))
     achieved = (w + a) * B * G / t

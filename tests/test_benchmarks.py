@@ -26,3 +26,22 @@ def test_mfu_benchmark_runs_variants_in_children_and_prints_the_table():
   # Rematerialisation and gradient accumulation give the same loss (last column).
   assert abs(float(rows[0][-1]) - float(rows[1][-1])) < 1e-5, proc.stdout
   assert "n/a" in rows[0]  # no datasheet peak for a CPU
+
+
+def test_decode_floor_counts_a_shared_prompt_once_per_group():
+  """The attention floor's KV bytes: each row's own slots, plus the prompt's
+  slots once per group of rows that share it (as the sampler reads them)."""
+  sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+  try:
+    import roofline
+  finally:
+    sys.path.pop(0)
+  c = roofline.BENCH
+  rates = {"attention": float("inf"), "bandwidth": 1.0}  # bytes only
+  slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_size * 4
+  contexts = range(65, 192)  # prompt 64, 127 decode steps
+  rows, G, P = 128, 8, 64
+  own = rows * sum(ctx - P for ctx in contexts)
+  assert roofline.attention_seconds(c, rows, contexts, rates, shared=P, group=G) == (
+      slot * (own + rows // G * P * len(contexts)))
+  assert roofline.attention_seconds(c, rows, contexts, rates) == slot * rows * sum(contexts)
