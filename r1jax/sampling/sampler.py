@@ -204,7 +204,7 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
               rng: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
               stop_ids: jax.Array, pad_id: jax.Array, *, max_new_tokens: int,
               num_samples: int, greedy: bool, truncate: bool,
-              max_cache_length: int, share_prefix: bool = True, decode_segments: int = 1,
+              max_cache_length: int, share_prefix: bool = True, decode_segments: int = 4,
               model_state=None) -> tuple[SampleOutput, jax.Array]:
   """Prefill + decode loop. Returns the output and the number of decode steps run."""
   B, P = tokens_BP.shape
