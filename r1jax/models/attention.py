@@ -198,8 +198,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
     own_logits_BKMS = _row_scores(q_BKMH, k_BKHS)
   else:
     own_logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS.astype(jnp.float32))
-  # One softmax over [prefix; own] slots, in two parts (a concatenation of
-  # the logits cost ~1/8 of the bench decode step on CPU).
+  # One softmax over the [prefix; own] slots, computed in its two parts.
   scale = H ** -0.5
   prefix_mask_B1S = jnp.repeat(prefix_valid_PS, G, axis=0)[:, None]
   prefix_logits_BKMS = jnp.where(prefix_mask_B1S[:, None], prefix_logits_BKMS * scale, _MASKED)
