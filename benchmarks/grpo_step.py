@@ -109,8 +109,8 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
         t_train += t3 - t2
         gen_tokens += float(lengths.sum())
         train_tokens += float(host["segment_ids"].sum())
-        w, a = roofline.forward_flops(cfg, range(1, host["tokens"].shape[1] + 1))
-        train_flops += 3.0 * rows * (w + a)  # the padded rows the update computes
+        # The padded rows the update computes.
+        train_flops += roofline.train_flops(cfg, rows, host["tokens"].shape[1])
   runner.close()
   total_s = (t_sample + t_reward + t_train) / steps
   # Tokens actually generated may fall short of N (eos drawn): scale the floors.

@@ -123,8 +123,7 @@ def run_one(v: dict) -> dict:
   loss = float(m["loss"])
   step_s = float(np.median(times))
 
-  weights, attn = roofline.forward_flops(cfg, range(1, seq + 1))
-  flops = 3.0 * rows * (weights + attn)
+  flops = roofline.train_flops(cfg, rows, seq)
   dtype = jnp.dtype(v["dtype"])
   mm_rows = min(rows * seq, 16384)
   mm_rate = roofline.matmul_rate(mm_rows, cfg.hidden_size, cfg.intermediate_size, dtype)

@@ -157,6 +157,13 @@ def prefill_floor(c: ModelConfig, prompts: int, prompt_len: int, rates) -> float
   return t + attn * prompts / rates["attention"]
 
 
+def train_flops(c: ModelConfig, rows: int, seq_len: int) -> float:
+  """Model FLOPs of an update on `rows` sequences of `seq_len`: 3x the forward
+  (the backward is 2x), rematerialised work not counted (as MFU counts)."""
+  weights, attn = forward_flops(c, range(1, seq_len + 1))
+  return 3.0 * rows * (weights + attn)
+
+
 def train_floor(c: ModelConfig, rows: int, seq_len: int, rates) -> float:
   """Forward + backward (2x the forward's matmuls) of `rows` sequences of `seq_len`."""
   return 3.0 * floor_seconds(c, rows, range(1, seq_len + 1), rates)

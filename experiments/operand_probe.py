@@ -20,6 +20,7 @@ miscopying (an attention skill: operands, operators) or miscounting (results).
 
 from __future__ import annotations
 
+import functools
 import random
 import sys
 from pathlib import Path
@@ -36,16 +37,24 @@ flags.DEFINE_integer("seed", 1, "held-out problem draw (1 = the evaluation's pro
 flags.DEFINE_string("lang", "en", "language of the worked solutions: en | la")
 
 KINDS = ("first operand", "next operands", "carried", "operators", "results", "answer")
-# The verb of each step sentence, in both languages.
+
+
+@functools.lru_cache(maxsize=None)
+def step_verbs() -> frozenset[str]:
+  """The verb of each step sentence, in both languages, from the step phrases
+  themselves ("we subtract {b} ...")."""
+  from r1jax.data import tinyworld  # pylint: disable=import-outside-toplevel
+  return frozenset(phrase.removeprefix("we ").split()[0]
+                   for phrases in tinyworld._STEP_PHRASES.values()  # pylint: disable=protected-access
+                   for phrase in phrases.values())
+
+
 def labelled_document(problem, lang: str) -> tuple[str, list[tuple[int, str, str]]]:
   """The plain worked document and, for every number and step verb in its
   solution, (char offset, the word, its kind)."""
   from r1jax.data import tinyworld  # pylint: disable=import-outside-toplevel
   text = tinyworld.plain_document(problem, lang, random.Random(0))
-  # The step verbs, from the step phrases themselves ("we subtract {b} ...").
-  verbs = {phrase.removeprefix("we ").split()[0]
-           for phrases in tinyworld._STEP_PHRASES.values()  # pylint: disable=protected-access
-           for phrase in phrases.values()}
+  verbs = step_verbs()
   solution_at = text.index("\nSolution: ") + len("\nSolution: ")
   words, offset, labelled = text[solution_at:].split(" "), solution_at, []
   # Each step sentence names its numbers in phrase order ("we subtract b

@@ -284,6 +284,13 @@ def test_projections_on_cpu_equal_the_einsum_with_their_gradients(equation, shap
   np.testing.assert_allclose(dp["params"]["kernel"], want_dk, atol=1e-4)
 
 
+def reference_attention(q_H, k_SH, v_SH):
+  """Float64 softmax attention of one query over the keys it may see."""
+  s = k_SH @ q_H / math.sqrt(q_H.shape[-1])
+  p = np.exp(s - s.max())
+  return (p / p.sum()) @ v_SH
+
+
 def test_attention_impl_is_checked():
   with pytest.raises(ValueError, match="attention_impl"):
     get_preset("tiny", attention_impl="flash")
@@ -301,13 +308,11 @@ def test_one_sequence_attention_equals_float64_masked_attention_on_real_position
   out = np.asarray(one_sequence_attention(*(jnp.asarray(a, jnp.float32) for a in (q, k, v)),
                                           implementation="xla"))
   for b, n in enumerate(lengths):
-    for h in range(N):
-      kv = h // (N // K)
-      scores = q[b, :n, h] @ k[b, :n, kv].T / math.sqrt(H)
-      scores = np.where(np.tril(np.ones((n, n), bool)), scores, -np.inf)
-      p = np.exp(scores - scores.max(-1, keepdims=True))
-      ref = (p / p.sum(-1, keepdims=True)) @ v[b, :n, kv]
-      np.testing.assert_allclose(out[b, :n, h], ref, rtol=1e-5, atol=1e-5)
+    for t in range(n):
+      for h in range(N):
+        kv = h // (N // K)
+        ref = reference_attention(q[b, t, h], k[b, :t + 1, kv], v[b, :t + 1, kv])
+        np.testing.assert_allclose(out[b, t, h], ref, rtol=1e-5, atol=1e-5)
   assert np.isfinite(out).all()
 
 
@@ -343,8 +348,6 @@ def test_causal_halves_attention_equals_float64_on_packed_and_padded_rows(T):
         continue
       for h in range(N):
         keys = np.flatnonzero(mask[b, t])
-        s = k[b, keys, h // (N // K)] @ q[b, t, h] / math.sqrt(H)
-        p = np.exp(s - s.max())
-        ref = (p / p.sum()) @ v[b, keys, h // (N // K)]
+        ref = reference_attention(q[b, t, h], k[b, keys, h // (N // K)], v[b, keys, h // (N // K)])
         np.testing.assert_allclose(out[b, t, h], ref, rtol=1e-5, atol=1e-5)
   assert np.isfinite(out).all()

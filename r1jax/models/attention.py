@@ -132,16 +132,32 @@ def _grouped_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
                        mask_BTS: jax.Array) -> jax.Array:
   """Softmax attention of T queries over S head-major keys/values, GQA's N/K
   query groups stacked as rows (M = (t, g)) of [B, K] batched products."""
-  B, T, N, H = q_BTNH.shape
-  K = k_BKHS.shape[1]
-  G = N // K
-  q_BKMH = q_BTNH.reshape(B, T, K, G, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * G, H)
+  H, K = q_BTNH.shape[-1], k_BKHS.shape[1]
+  q_BKMH = _query_rows(q_BTNH, K)
   logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS,
                            preferred_element_type=jnp.float32) * (H ** -0.5)
-  logits_BKMS = jnp.where(jnp.repeat(mask_BTS, G, axis=1)[:, None], logits_BKMS, _MASKED)
+  logits_BKMS = jnp.where(_row_mask(mask_BTS, q_BTNH.shape[2] // K), logits_BKMS, _MASKED)
   probs_BKMS = jax.nn.softmax(logits_BKMS, axis=-1).astype(v_BKSH.dtype)
-  out_BKMH = jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH)
-  return out_BKMH.reshape(B, K, T, G, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+  return _heads_from_rows(jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH), q_BTNH.shape)
+
+
+def _query_rows(q_BTNH: jax.Array, K: int) -> jax.Array:
+  """[B, T, N, H] queries as [B, K, M, H]: each kv head's T * N/K queries
+  stacked as rows M = (t, query head within the group)."""
+  B, T, N, H = q_BTNH.shape
+  return q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 1, 3, 4).reshape(B, K, T * N // K, H)
+
+
+def _heads_from_rows(out_BKMH: jax.Array, shape_BTNH: tuple) -> jax.Array:
+  """The inverse of `_query_rows`."""
+  B, T, N, H = shape_BTNH
+  K = out_BKMH.shape[1]
+  return out_BKMH.reshape(B, K, T, N // K, H).transpose(0, 2, 1, 3, 4).reshape(B, T, N, H)
+
+
+def _row_mask(mask_BTS: jax.Array, group: int) -> jax.Array:
+  """The [B, T, S] mask for `_query_rows`' rows, as [B, 1, M, S]."""
+  return jnp.repeat(mask_BTS, group, axis=1)[:, None]
 
 
 def _decode_attention(q_B1NH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
@@ -150,13 +166,11 @@ def _decode_attention(q_B1NH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
   over the cache (`_row_scores`, `_row_weighted`). Bench config, 4 layers:
   8.4 -> 4.0 ms per decode step on CPU (benchmarks/sampler.py: 2.19 ->
   1.86-1.98 s)."""
-  B, _, N, H = q_B1NH.shape
-  K = k_BKHS.shape[1]
-  q_BKGH = q_B1NH.reshape(B, K, N // K, H).astype(jnp.float32)
-  logits_BKGS = _row_scores(q_BKGH, k_BKHS) * (H ** -0.5)
+  q_BKGH = _query_rows(q_B1NH, k_BKHS.shape[1]).astype(jnp.float32)
+  logits_BKGS = _row_scores(q_BKGH, k_BKHS) * (q_B1NH.shape[-1] ** -0.5)
   logits_BKGS = jnp.where(mask_B1S[:, None], logits_BKGS, _MASKED)
   probs_BKGS = jax.lax.optimization_barrier(jax.nn.softmax(logits_BKGS, axis=-1))
-  return _row_weighted(probs_BKGS, v_BKSH).reshape(B, 1, N, H).astype(v_BKSH.dtype)
+  return _heads_from_rows(_row_weighted(probs_BKGS, v_BKSH), q_B1NH.shape).astype(v_BKSH.dtype)
 
 
 def _row_scores(q_BKMH: jax.Array, k_BKHS: jax.Array) -> jax.Array:
@@ -187,8 +201,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
   B, T, N, H = q_BTNH.shape
   P, K = prefix.k.shape[0], k_BKHS.shape[1]
   G, M = B // P, T * (N // K)  # samples per prompt; query rows per (row, kv head)
-  q_BKMH = (q_BTNH.reshape(B, T, K, N // K, H).transpose(0, 2, 1, 3, 4)
-            .reshape(B, K, M, H).astype(jnp.float32))
+  q_BKMH = _query_rows(q_BTNH, K).astype(jnp.float32)
   by_prompt = lambda x: x.reshape(P, G, K, M, -1).transpose(0, 2, 1, 3, 4).reshape(
       P, K, G * M, -1)
   by_row = lambda x: x.reshape(P, K, G, M, -1).transpose(0, 2, 1, 3, 4).reshape(B, K, M, -1)
@@ -202,8 +215,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
   scale = H ** -0.5
   prefix_mask_B1S = jnp.repeat(prefix_valid_PS, G, axis=0)[:, None]
   prefix_logits_BKMS = jnp.where(prefix_mask_B1S[:, None], prefix_logits_BKMS * scale, _MASKED)
-  own_logits_BKMS = jnp.where(jnp.repeat(mask_BTS, N // K, axis=1)[:, None],
-                              own_logits_BKMS * scale, _MASKED)
+  own_logits_BKMS = jnp.where(_row_mask(mask_BTS, N // K), own_logits_BKMS * scale, _MASKED)
   prefix_probs_BKMS, own_probs_BKMS = jax.lax.optimization_barrier(
       two_part_softmax(prefix_logits_BKMS, own_logits_BKMS))
   out_BKMH = by_row(jnp.einsum("PKMS,PKSH->PKMH", by_prompt(prefix_probs_BKMS),
@@ -212,8 +224,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
     out_BKMH += _row_weighted(own_probs_BKMS, v_BKSH)
   else:
     out_BKMH += jnp.einsum("BKMS,BKSH->BKMH", own_probs_BKMS, v_BKSH.astype(jnp.float32))
-  return (out_BKMH.reshape(B, K, T, N // K, H).transpose(0, 2, 1, 3, 4)
-          .reshape(B, T, N, H).astype(v_BKSH.dtype))
+  return _heads_from_rows(out_BKMH, q_BTNH.shape).astype(v_BKSH.dtype)
 
 
 def two_part_softmax(a_xS: jax.Array, b_xS: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -119,9 +119,12 @@ def rope(config, x_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
 
 
 def _softmax(logits_BNTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
-  logits_BNTS = logits_BNTS.astype(jnp.float32) * scale
-  logits_BNTS = jnp.where(mask_BTS[:, None], logits_BNTS, _MASKED)
-  return jax.nn.softmax(logits_BNTS, axis=-1)
+  return jax.nn.softmax(_masked_logits(logits_BNTS, mask_BTS, scale), axis=-1)
+
+
+def _masked_logits(logits_BNTS: jax.Array, mask_BTS: jax.Array, scale: float) -> jax.Array:
+  """Scaled float32 logits, masked slots at _MASKED (mask [B, T or 1, S])."""
+  return jnp.where(mask_BTS[:, None], logits_BNTS.astype(jnp.float32) * scale, _MASKED)
 
 
 class Kernel(nn.Module):
@@ -207,10 +210,9 @@ class MLA(nn.Module):
             + jnp.einsum("PGTNH,PSH->PGNTS", by_prompt(q_rope_BTNH),
                          prefix_cache.k_rope.astype(c.dtype))).reshape(B, -1, T, S)
         prefix_mask_B1S = jnp.repeat(prefix_valid_PS, B // P, axis=0)[:, None]
-        masked = lambda logits, mask: jnp.where(
-            mask[:, None], logits.astype(jnp.float32) * scale, _MASKED)
         prefix_probs_BNTS, probs_BNTS = two_part_softmax(
-            masked(prefix_logits_BNTS, prefix_mask_B1S), masked(logits_BNTS, mask_BTS))
+            _masked_logits(prefix_logits_BNTS, prefix_mask_B1S, scale),
+            _masked_logits(logits_BNTS, mask_BTS, scale))
         out_BTNR = (jnp.einsum("PGNTS,PSR->PGTNR", by_prompt(prefix_probs_BNTS.astype(c.dtype)),
                                prefix_latent_PSR).reshape(q_latent_BTNR.shape)
                     + jnp.einsum("BNTS,BSR->BTNR", probs_BNTS.astype(c.dtype), latent_BSR))
