@@ -13,8 +13,8 @@ import pytest
 from r1jax.models.config import get_preset
 from r1jax.models.transformer import Transformer
 from r1jax.sampling.sampler import (
-    SamplingConfig, _generate, _head_logits, _sample, decode_segment_ends, sample,
-    truncate_logits)
+    SamplingConfig, _generate, _head_logits, _sample, compute_dtype_params, decode_segment_ends,
+    sample, truncate_logits)
 
 CONFIG = get_preset(
     "tiny", vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
@@ -350,6 +350,36 @@ def test_moe_model_samples_the_same_with_a_shared_prefix():
   np.testing.assert_array_equal(outs[0].tokens, outs[1].tokens)
   np.testing.assert_allclose(outs[0].logprobs, outs[1].logprobs, atol=1e-5)
   assert len(np.unique(outs[0].tokens[:4], axis=0)) > 1  # the G samples differ
+
+
+@pytest.mark.parametrize("family", ["dense", "moe"])
+def test_params_cast_once_to_the_compute_dtype_change_nothing(family):
+  """bf16 activations over float32 params: the decode loop's params, cast
+  once (compute_dtype_params), give bit-identical logits. Casting the norm
+  scales or the MoE router too would change them (checked, so the test can
+  fail)."""
+  from r1jax.models import moe
+  if family == "dense":
+    model = Transformer(dataclasses.replace(CONFIG, dtype="bfloat16"))
+    variables = {"params": random_params(model, seed=3)}
+  else:
+    from tests.test_deepseek_v3 import SMALL, random_variables
+    from r1jax.models.deepseek_v3 import DeepseekV3
+    model = DeepseekV3(dataclasses.replace(SMALL, dtype="bfloat16"))
+    variables = random_variables(model, seed=2, bias_scale=0.1, std=0.3)
+  tokens = jnp.asarray([PROMPTS[2]]) % (model.config.vocab_size - 1)
+  logits = lambda params: np.asarray(model.apply({**variables, "params": params}, tokens)[0])
+  params = variables["params"]
+  cast = compute_dtype_params(model.config, params)
+  assert np.isfinite(logits(params)).all()
+  assert {x.dtype for x in jax.tree.leaves(cast)} == {jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)}
+  np.testing.assert_array_equal(logits(cast), logits(params))
+  also = ["scale"] + ([moe.ROUTER] if family == "moe" else [])
+  for name in also:
+    over = jax.tree_util.tree_map_with_path(
+        lambda path, x, c: x.astype(jnp.bfloat16)
+        if name in [getattr(k, "key", None) for k in path] else c, params, cast)
+    assert np.abs(logits(over) - logits(params)).max() > 1e-3, name
 
 
 def test_finished_rows_stop_the_loop_early_in_wall_time(params):

@@ -43,6 +43,7 @@ from r1jax.models.layers import MLP, param_init
 STATE = "moe_state"  # persistent, non-trained: the router biases (checkpointed)
 STATS = "moe_stats"  # per-forward statistics; only computed when mutable
 BIAS = "e_score_correction_bias"  # Hugging Face's name for the router bias
+ROUTER = "gate"  # the router's module name (Hugging Face's), under each MoE layer's "mlp"
 GROUPED_MATMUL_IMPLS = ("auto", "ragged_dot", "blocked")
 
 
@@ -264,7 +265,7 @@ class MoE(nn.Module):
   def __call__(self, x_BTD: jax.Array, valid_BT: jax.Array) -> jax.Array:
     c = self.config
     E, F, K = c.n_routed_experts, c.moe_intermediate_size, c.num_experts_per_tok
-    weights_BTK, experts_BTK, scores_BTE = Router(c, name="gate")(x_BTD)
+    weights_BTK, experts_BTK, scores_BTE = Router(c, name=ROUTER)(x_BTD)
     w_gate_EDF, w_up_EDF, w_down_EFD = ExpertWeights(c, name="experts")()
     x_BTD = jnp.asarray(x_BTD, c.dtype)
     if c.dispatch == "dropless":
@@ -322,7 +323,7 @@ def update_router_bias(moe_state: Any, moe_stats: Any, rate: float) -> Any:
       continue
     load_E = loads[path]
     step_E = rate * jnp.sign(jnp.mean(load_E) - load_E)
-    new = _set_path(new, path + ("gate", BIAS), bias_E + step_E.astype(bias_E.dtype))
+    new = _set_path(new, path + (ROUTER, BIAS), bias_E + step_E.astype(bias_E.dtype))
   return new
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.errors import UserError
+from r1jax.models.moe import ROUTER
 from r1jax.models.transformer import KVCache, SharedPrefix, Transformer, output_weights_DV
 
 
@@ -209,7 +210,7 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
   """Prefill + decode loop. Returns the output and the number of decode steps run."""
   B, P = tokens_BP.shape
   G, N = num_samples, max_new_tokens
-  variables = {"params": params, **(model_state or {})}
+  variables = {"params": compute_dtype_params(model.config, params), **(model_state or {})}
   ends = decode_segment_ends(N, decode_segments)
   rep = lambda x: jnp.repeat(x, G, axis=0)  # prompt-major: row = prompt * G + sample
   if share_prefix:
@@ -278,6 +279,24 @@ def _generate(model: Transformer, params, tokens_BP: jax.Array, lengths_B: jax.A
   out = SampleOutput(tokens=tokens_BN, logprobs=logprobs_BN, lengths=out_lengths_B,
                      finished=done_B)
   return out, steps
+
+
+def compute_dtype_params(config, params):
+  """`params` with every leaf the model casts to `config.dtype` before use
+  already cast, so that the decode loop reads bf16 weights instead of
+  converting float32 ones at every step (XLA keeps the converts inside the
+  loop). Exact: the model's own cast is then a no-op. Norm scales (applied in
+  float32) and the MoE router (routes in float32) keep `param_dtype`."""
+  dtype = jnp.dtype(config.dtype)
+  if jnp.dtype(config.param_dtype) == dtype:
+    return params
+
+  def cast(path, x):
+    names = [getattr(k, "key", None) for k in path]
+    keep = names[-1] == "scale" or ROUTER in names[:-1]
+    return x if keep or not jnp.issubdtype(x.dtype, jnp.floating) else x.astype(dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, params)
 
 
 def _grow_cache(model, cache: KVCache, length: int) -> KVCache:
