@@ -2,7 +2,7 @@
 
   python benchmarks/grpo_step.py [--presets bench tiny qwen2.5-math-1.5b] [--steps 2]
       [--mid-layers 2] [--shape B G P N] [--dtype float32] [--micro-batches 1]
-      [--attention xla]
+      [--attention xla] [--decode-segments 4]
 
 `bench` is issue 10's bench config (benchmarks/roofline.py): 16 prompts x G=8,
 prompt 64, 128 new tokens, float32, beta 0 and mu 1 (so the update needs no
@@ -18,7 +18,8 @@ rarely stop early), then one jitted GRPO update runs on the
 rollout. Timings exclude compilation (one warm-up step first). Prints a table:
 rows, completion tokens, sampling tokens/s (generated tokens), training
 tokens/s (prompt + completion tokens through forward + backward), and the
-share of the step spent in each.
+share of the step spent in each. Each phase's time (compilation included, on
+step 0) goes to stderr as it ends.
 
 `qwen2.5-math-1.5b` keeps the preset's widths and 151,936-token vocabulary
 but only `--mid-layers` of its 28 layers, so that it runs on a CPU; on an
@@ -31,6 +32,7 @@ its model FLOPs (3x the forward's) over its time and that peak.
 import argparse
 import dataclasses
 import functools
+import sys
 import time
 
 import jax
@@ -56,8 +58,14 @@ from r1jax.trainers.state import create_train_state
 SHAPES = {"bench": (16, 8, 64, 128), "tiny": (16, 8, 96, 96), "qwen2.5-math-1.5b": (2, 4, 64, 64)}
 
 
+def log(name: str, text: str):
+  """Progress on stderr as each phase ends, so a run cut off by a time limit
+  still says where its time went (the table goes to stdout)."""
+  print(f"[{name} {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "float32",
-          micro_batches: int = 1, attention: str = "xla") -> dict:
+          micro_batches: int = 1, attention: str = "xla", decode_segments: int = 4) -> dict:
   cfg = roofline.BENCH if name == "bench" else get_preset(name)
   if name not in ("tiny", "bench"):
     cfg = dataclasses.replace(cfg, num_hidden_layers=mid_layers)
@@ -68,10 +76,15 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
   model = Transformer(cfg)
   mesh = make_mesh({"data": -1})
   tx = optax.adamw(1e-5)
+  t_build = time.perf_counter()
   state, shardings = create_train_state(model, tx, mesh, seed=0,
                                         init_params=mfu.random_params(model, mesh))
+  jax.block_until_ready(state)
+  log(name, f"{cfg.num_hidden_layers} layers, {B}x{G} rows, prompt {P}, {N} new: params and "
+            f"optimizer state in {time.perf_counter() - t_build:.1f} s")
   rng = np.random.default_rng(0)
-  sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G, prompt_bucket=32)
+  sc = SamplingConfig(max_new_tokens=N, temperature=1.0, num_samples=G, prompt_bucket=32,
+                      decode_segments=decode_segments)
   step_fn = functools.partial(grpo.grpo_train_step, model=model, loss=GRPOLoss(beta=0.0),
                               tx=tx, temperature=1.0, micro_batches=micro_batches)
   runner = RewardRunner({"accuracy": (accuracy_reward_fn, 1.0), "format": (format_reward_fn, 1.0)},
@@ -83,6 +96,7 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
   floor_roll = (roofline.prefill_floor(cfg, B, P, roofline.measure_rates(cfg, B * P, mm_dtype))
                 + roofline.decode_floor(cfg, rows, P, N, rates_dec, group=G))
   floor_train = roofline.train_floor(cfg, rows, seq, rates_trn)
+  log(name, f"matmul rates measured; floors: rollout {floor_roll:.3f} s, update {floor_train:.3f} s")
   t_sample = t_reward = t_train = gen_tokens = train_tokens = train_flops = 0.0
   with mesh_rules(mesh):
     jitted = jit_train_step(step_fn, shardings, mesh)
@@ -103,6 +117,8 @@ def bench(name: str, steps: int, mid_layers: int, shape=None, dtype: str = "floa
       state, m = jitted(state, jax.device_put(host, batch_sharding(mesh)))
       jax.block_until_ready(m["loss"])
       t3 = time.perf_counter()
+      log(name, f"step {i}{' (compiles)' if i == 0 else ''}: rollout {t1 - t0:.2f} s, "
+                f"rewards {t2 - t1:.2f} s, update {t3 - t2:.2f} s")
       if i:
         t_sample += t1 - t0
         t_reward += t2 - t1
@@ -136,15 +152,17 @@ def main():
   parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   parser.add_argument("--micro-batches", type=int, default=1)
   parser.add_argument("--attention", default="xla", choices=["xla", "cudnn"])
+  parser.add_argument("--decode-segments", type=int, default=4,
+                      help="SamplingConfig.decode_segments (each segment compiles its own loop)")
   args = parser.parse_args()
   print(f"device: {jax.devices()[0].device_kind} x {jax.device_count()}, {args.dtype}")
-  print(f"{'preset':<20}{'layers':>7}{'params':>12}{'rows':>6}{'new':>5}{'sample tok/s':>14}"
+  print(f"{'preset':<20}{'layers':>7}{'params':>15}{'rows':>6}{'new':>5}{'sample tok/s':>14}"
         f"{'train tok/s':>13}{'sample s':>10}{'reward s':>10}{'update s':>10}{'step s':>8}"
         f"{'floor s':>9}{'x floor':>9}")
   for name in args.presets:
     r = bench(name, args.steps, args.mid_layers, args.shape, args.dtype, args.micro_batches,
-              args.attention)
-    print(f"{r['preset']:<20}{r['layers']:>7}{r['params']:>12,}{r['rows']:>6}{r['new_tokens']:>5}"
+              args.attention, args.decode_segments)
+    print(f"{r['preset']:<20}{r['layers']:>7}{r['params']:>15,}{r['rows']:>6}{r['new_tokens']:>5}"
           f"{r['sample_tps']:>14.0f}{r['train_tps']:>13.0f}{r['sample_s']:>10.2f}"
           f"{r['reward_s']:>10.2f}{r['train_s']:>10.2f}{r['step_s']:>8.2f}{r['floor_s']:>9.2f}"
           f"{r['x_floor']:>9.2f}")
