@@ -96,6 +96,9 @@ def get_config(arg: str = "hf") -> ml_collections.ConfigDict:
   c.eval.max_new_tokens = tiny.max_new_tokens if model != "hf" else 32768
   c.eval.batch_size = tiny.batch_size if model != "hf" else 8  # prompts per sampler call (x k rows)
   c.eval.stop_pieces = tiny.stop_pieces if model != "hf" else ()  # stop after these (and EOS)
+  # Decode loops over a growing KV cache (the same samples for any value);
+  # long generations skip more of the empty cache with more.
+  c.eval.decode_segments = 4 if model != "hf" else 16
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1 = all remaining devices

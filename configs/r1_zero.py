@@ -128,6 +128,10 @@ def get_config(arg: str = "tiny") -> ml_collections.ConfigDict:
   c.grpo.top_k = 0  # 0 = off
   c.grpo.max_new_tokens = 32 if smoke else 96  # completion tokens, stop token included
   c.grpo.stop_pieces = ("</answer>",)  # generation stops after these (and EOS)
+  # Decode loops, each over a KV cache only as long as its steps reach (the
+  # same samples for any value; more segments skip more of the empty cache
+  # on long completions, at one more compiled loop each).
+  c.grpo.decode_segments = 4
   c.grpo.updates_per_rollout = 1  # mu: epochs over each rollout batch (1 = exactly on-policy)
   c.grpo.num_minibatches = 1  # optimizer steps per epoch (the batch split by prompts)
   # Gradient accumulation inside one optimizer step: each mini-batch's rows in

@@ -157,8 +157,13 @@ def smoke_workdir(tmp_path_factory):
 
 
 def test_tiny_model_reproduces_the_stage_evaluation(smoke_workdir):
+  """Also across decode segment counts: the stage sampled in 4, this in 3."""
   stage = json.load(open(smoke_workdir / "results.json"))
   c = _config("smoke", **{"data.num_problems": SMOKE["eval"]["num_problems"]})
+  c.eval.decode_segments = 0  # reaches the sampler, which refuses it
+  with pytest.raises(ValueError, match="decode_segments=0"):
+    evaluate.run(c, str(smoke_workdir))
+  c.eval.decode_segments = 3
   ours = evaluate.run(c, str(smoke_workdir))
   for key in ("pass@1", "pass@2", "cons@2", "greedy_accuracy", "format_rate",
               "greedy_format_rate", "mean_completion_length", "num_problems"):

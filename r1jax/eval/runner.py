@@ -58,18 +58,21 @@ def generate(model, params, tokenizer: Tokenizer, prompts: list[list[int]],
   """
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in ec.stop_pieces)
   k = ec.num_samples
+  segments = ec.get("decode_segments", SamplingConfig.decode_segments)
   out_sampled = out_greedy = None
   if sampled:
     out_sampled = _generate(
         model, params, tokenizer, prompts, jax.random.fold_in(rng, 0),
         SamplingConfig(max_new_tokens=ec.max_new_tokens, temperature=ec.temperature,
-                       top_p=ec.top_p, num_samples=k, stop_token_ids=stop_ids), ec.batch_size,
+                       top_p=ec.top_p, num_samples=k, stop_token_ids=stop_ids,
+                       decode_segments=segments), ec.batch_size,
         model_state)
   if greedy:
     out_greedy = _generate(
         model, params, tokenizer, prompts, jax.random.fold_in(rng, 1),
         SamplingConfig(max_new_tokens=ec.max_new_tokens, temperature=0.0,
-                       stop_token_ids=stop_ids), ec.batch_size * k, model_state)
+                       stop_token_ids=stop_ids, decode_segments=segments),
+        ec.batch_size * k, model_state)
   return out_sampled, out_greedy
 
 

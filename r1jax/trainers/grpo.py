@@ -417,7 +417,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, model, tokenizer, 
                               temperature=gc.temperature, impl=impl)
   stop_ids = tuple(tokenizer.piece_to_id(s) for s in gc.stop_pieces)
   sc = SamplingConfig(max_new_tokens=gc.max_new_tokens, temperature=gc.temperature,
-                      top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids)
+                      top_p=gc.top_p, top_k=gc.top_k, num_samples=G, stop_token_ids=stop_ids,
+                      decode_segments=gc.get("decode_segments", SamplingConfig.decode_segments))
   kind = task[0][0].kind if task else "math"
   rewards = RewardRunner(rewards or reward_fns(gc, kind), timeout_s=gc.reward_timeout_s,
                          workers=gc.reward_workers)
