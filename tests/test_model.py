@@ -351,3 +351,41 @@ def test_causal_halves_attention_equals_float64_on_packed_and_padded_rows(T):
         ref = reference_attention(q[b, t, h], k[b, keys, h // (N // K)], v[b, keys, h // (N // K)])
         np.testing.assert_allclose(out[b, t, h], ref, rtol=1e-5, atol=1e-5)
   assert np.isfinite(out).all()
+
+
+@pytest.mark.parametrize("products", ["reduce", "einsum"])
+def test_decode_attention_equals_float64_with_either_row_products(products, monkeypatch):
+  """A decode step's attention (one query per row) over head-major caches,
+  without and with a shared prompt prefix, against float64 softmax attention
+  over the slots each row may see: the CPU's multiply-and-reduce and the
+  GPUs' batched matmuls (attention.ROW_PRODUCTS) both."""
+  from r1jax.models import attention
+  from r1jax.models.transformer import LayerCache
+  monkeypatch.setattr(attention, "ROW_PRODUCTS", products)
+  P, G, N, K, H, S, S_pre = 2, 3, 4, 2, 8, 7, 5
+  B = P * G
+  rng = np.random.default_rng(1)
+  q = rng.standard_normal((B, 1, N, H))
+  k, v = rng.standard_normal((B, S, K, H)), rng.standard_normal((B, S, K, H))
+  pk, pv = rng.standard_normal((P, S_pre, K, H)), rng.standard_normal((P, S_pre, K, H))
+  own = rng.random((B, S)) < 0.7
+  own[:, 0] = True
+  pre = np.ones((P, S_pre), bool)
+  pre[0, :2] = False  # a left-padded prompt
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  k_BKHS, v_BKSH = f32(k.transpose(0, 2, 3, 1)), f32(v.transpose(0, 2, 1, 3))
+  plain = np.asarray(attention._decode_attention(f32(q), k_BKHS, v_BKSH, jnp.asarray(own)[:, None]))
+  prefix = LayerCache(k=f32(pk.transpose(0, 2, 3, 1)), v=f32(pv.transpose(0, 2, 1, 3)))
+  shared = np.asarray(attention.shared_prefix_attention(
+      f32(q), k_BKHS, v_BKSH, jnp.asarray(own)[:, None], prefix, jnp.asarray(pre)))
+  for b in range(B):
+    for h in range(N):
+      kv = h // (N // K)
+      ks, vs = k[b, own[b], kv], v[b, own[b], kv]
+      np.testing.assert_allclose(plain[b, 0, h], reference_attention(q[b, 0, h], ks, vs),
+                                 rtol=1e-5, atol=1e-5)
+      p = b // G
+      ks = np.concatenate([pk[p, pre[p], kv], ks])
+      vs = np.concatenate([pv[p, pre[p], kv], vs])
+      np.testing.assert_allclose(shared[b, 0, h], reference_attention(q[b, 0, h], ks, vs),
+                                 rtol=1e-5, atol=1e-5)
