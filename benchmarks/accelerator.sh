@@ -8,7 +8,8 @@
 # Run from the repository root where jax for the accelerator is installed;
 # wheels in .whl/ (pure-Python packages the machine lacks: ml_collections,
 # math-verify and its parsers) are installed first. On an H100 (README,
-# Performance) `mfu` took 162 s; `rest`'s 1.5B step did not finish in 215 s.
+# Performance) `mfu` took 162 s and `rest`'s 1.5B step ~250 s (3 min of it
+# measuring matmul rates; its phase lines go to stderr as each ends).
 set -uo pipefail
 OUT=${OUT:-/tmp/bench_out}
 mkdir -p "$OUT"
@@ -31,7 +32,7 @@ rest() {
   python3 grpo_step.py --presets bench tiny 2>&1 | tee "$OUT/grpo_step.log"
   python3 roofline.py 2>&1 | tee "$OUT/roofline.log"
   python3 grpo_step.py --presets qwen2.5-math-1.5b --mid-layers 28 --dtype bfloat16 \
-    --shape 4 8 128 255 --micro-batches 2 --attention cudnn --steps 1 2>&1 \
+    --shape 4 8 128 255 --micro-batches 2 --attention cudnn --steps 3 2>&1 \
     | tee "$OUT/grpo_step_1p5b.log"
 }
 case "${1:-all}" in
