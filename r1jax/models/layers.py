@@ -57,18 +57,13 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
 
 
 def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates halves (Hugging Face "rotate_half" layout), in float32:
-  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin], written as x * [cos, cos]
-  + roll(x) * [-sin, sin] (the same floats). XLA:CPU ran the concatenation
-  of the two computed halves 4.5x slower than this (255 vs 57 us for a
-  decode step's q and k at the bench shape)."""
+  """Rotates halves (Hugging Face "rotate_half" layout), in float32."""
   angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
   sin = jnp.sin(angles_BTh)[:, :, None, :]
   cos = jnp.cos(angles_BTh)[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
-  half = x.shape[-1] // 2
-  out = (x * jnp.concatenate([cos, cos], axis=-1)
-         + jnp.roll(x, half, axis=-1) * jnp.concatenate([-sin, sin], axis=-1))
+  x1, x2 = jnp.split(x, 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
 
 
