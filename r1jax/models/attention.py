@@ -167,39 +167,44 @@ def _decode_attention(q_B1NH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
   8.4 -> 4.0 ms per decode step on CPU (benchmarks/sampler.py: 2.19 ->
   1.86-1.98 s)."""
   q_BKGH = _query_rows(q_B1NH, k_BKHS.shape[1]).astype(jnp.float32)
-  logits_BKGS = _row_scores(q_BKGH, k_BKHS) * (q_B1NH.shape[-1] ** -0.5)
+  logits_BKGS = _row_scores(q_BKGH, k_BKHS, 1) * (q_B1NH.shape[-1] ** -0.5)
   logits_BKGS = jnp.where(mask_B1S[:, None], logits_BKGS, _MASKED)
   probs_BKGS = jax.lax.optimization_barrier(jax.nn.softmax(logits_BKGS, axis=-1))
-  return _heads_from_rows(_row_weighted(probs_BKGS, v_BKSH), q_B1NH.shape).astype(v_BKSH.dtype)
+  out_BKGH = _row_weighted(probs_BKGS, v_BKSH, 1)
+  return _heads_from_rows(out_BKGH, q_B1NH.shape).astype(v_BKSH.dtype)
 
 
-# How decode steps form their per-row products: "reduce" (multiply-and-reduce,
-# for XLA:CPU), "einsum" (batched matmuls, for GPUs: 2.85 -> 2.54 ms per
-# decode step of the 1.5B model on an H100), or None: by backend.
+# How a decode step (one query per row) forms its per-row products: "reduce"
+# (multiply-and-reduce, for XLA:CPU), "einsum" (batched matmuls, for GPUs:
+# 2.85 -> 2.54 ms per decode step of the 1.5B model on an H100), or None: by
+# backend. Several queries per row always use batched matmuls.
 ROW_PRODUCTS = None
 
 
-def _row_products() -> str:
-  return ROW_PRODUCTS or ("reduce" if jax.default_backend() == "cpu" else "einsum")
+def _reduce_products(queries: int) -> bool:
+  if queries > 1:
+    return False
+  return (ROW_PRODUCTS or ("reduce" if jax.default_backend() == "cpu" else "einsum")) == "reduce"
 
 
-def _row_scores(q_BKMH: jax.Array, k_BKHS: jax.Array) -> jax.Array:
-  """Float32 q.k of a few queries per (row, kv head). On CPU a
-  multiply-and-reduce, not batched [M, H] x [H, S] matmuls that XLA:CPU runs
-  as B*K tiny GEMMs; the barrier keeps the reduction out of the softmax's
-  fusions (fused, XLA recomputed the scores for each of the softmax's passes)."""
+def _row_scores(q_BKMH: jax.Array, k_BKHS: jax.Array, queries: int) -> jax.Array:
+  """Float32 q.k of each row's query rows, `queries` tokens per row. A decode
+  step on CPU runs a multiply-and-reduce, not batched [M, H] x [H, S] matmuls
+  that XLA:CPU runs as B*K tiny GEMMs; the barrier keeps the reduction out of
+  the softmax's fusions (fused, XLA recomputed the scores for each of the
+  softmax's passes)."""
   k_BKHS = k_BKHS.astype(jnp.float32)
-  if _row_products() == "einsum":
-    return jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS)
-  return jax.lax.optimization_barrier(jnp.sum(q_BKMH[..., None] * k_BKHS[:, :, None], axis=-2))
+  if _reduce_products(queries):
+    return jax.lax.optimization_barrier(jnp.sum(q_BKMH[..., None] * k_BKHS[:, :, None], axis=-2))
+  return jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS)
 
 
-def _row_weighted(probs_BKMS: jax.Array, v_BKSH: jax.Array) -> jax.Array:
-  """Float32 probs @ v of a few queries per (row, kv head), as `_row_scores`."""
+def _row_weighted(probs_BKMS: jax.Array, v_BKSH: jax.Array, queries: int) -> jax.Array:
+  """Float32 probs @ v of each row's query rows, as `_row_scores`."""
   v_BKSH = v_BKSH.astype(jnp.float32)
-  if _row_products() == "einsum":
-    return jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH)
-  return jnp.sum(probs_BKMS[..., None] * v_BKSH[:, :, None], axis=-2)
+  if _reduce_products(queries):
+    return jnp.sum(probs_BKMS[..., None] * v_BKSH[:, :, None], axis=-2)
+  return jnp.einsum("BKMS,BKSH->BKMH", probs_BKMS, v_BKSH)
 
 
 def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Array,
@@ -222,10 +227,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
   by_row = lambda x: x.reshape(P, K, G, M, -1).transpose(0, 2, 1, 3, 4).reshape(B, K, M, -1)
   prefix_logits_BKMS = by_row(jnp.einsum(
       "PKMH,PKHS->PKMS", by_prompt(q_BKMH), prefix.k.astype(jnp.float32)))
-  if T == 1:
-    own_logits_BKMS = _row_scores(q_BKMH, k_BKHS)
-  else:
-    own_logits_BKMS = jnp.einsum("BKMH,BKHS->BKMS", q_BKMH, k_BKHS.astype(jnp.float32))
+  own_logits_BKMS = _row_scores(q_BKMH, k_BKHS, T)
   # One softmax over the [prefix; own] slots, computed in its two parts.
   scale = H ** -0.5
   prefix_mask_B1S = jnp.repeat(prefix_valid_PS, G, axis=0)[:, None]
@@ -235,10 +237,7 @@ def shared_prefix_attention(q_BTNH: jax.Array, k_BKHS: jax.Array, v_BKSH: jax.Ar
       two_part_softmax(prefix_logits_BKMS, own_logits_BKMS))
   out_BKMH = by_row(jnp.einsum("PKMS,PKSH->PKMH", by_prompt(prefix_probs_BKMS),
                                prefix.v.astype(jnp.float32)))
-  if T == 1:
-    out_BKMH += _row_weighted(own_probs_BKMS, v_BKSH)
-  else:
-    out_BKMH += jnp.einsum("BKMS,BKSH->BKMH", own_probs_BKMS, v_BKSH.astype(jnp.float32))
+  out_BKMH += _row_weighted(own_probs_BKMS, v_BKSH, T)
   return _heads_from_rows(out_BKMH, q_BTNH.shape).astype(v_BKSH.dtype)
 
 
