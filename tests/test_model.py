@@ -389,3 +389,37 @@ def test_decode_attention_equals_float64_with_either_row_products(products, monk
       vs = np.concatenate([pv[p, pre[p], kv], vs])
       np.testing.assert_allclose(shared[b, 0, h], reference_attention(q[b, 0, h], ks, vs),
                                  rtol=1e-5, atol=1e-5)
+
+
+def test_rope_tables_are_computed_once_per_position_with_the_same_floats():
+  """`rope_sin_cos` (a CPU conditional, so that XLA cannot fuse sin and cos
+  into every element of q and k) gives the floats of the plain expression,
+  and the rotation equals float64 rotate-half. In the compiled decode-shaped
+  rotation of q and k, sin and cos run only on the [B, T, h] tables."""
+  from r1jax.models.layers import apply_rope, rope_sin_cos, rotate_half
+  B, N, K, H = 16, 4, 2, 8
+  rng = np.random.default_rng(0)
+  q, k = rng.standard_normal((B, 1, N, H)), rng.standard_normal((B, 1, K, H))
+  positions = jnp.asarray(rng.integers(0, 4096, (B, 1)), jnp.int32)
+  inv_freq = 1.0 / (10000.0 ** (np.arange(0, H, 2) / H))
+
+  sin, cos = jax.jit(rope_sin_cos)(positions, inv_freq)
+  angles = positions[..., None].astype(jnp.float32) * jnp.asarray(inv_freq, jnp.float32)
+  np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(angles))
+  np.testing.assert_array_equal(cos, jax.jit(jnp.cos)(angles))
+
+  got = np.asarray(apply_rope(jnp.asarray(q, jnp.float32), positions, inv_freq), np.float64)
+  a = np.asarray(angles, np.float64)[:, :, None, :]  # the float32 angles, rotated in float64
+  x1, x2 = q[..., :H // 2], q[..., H // 2:]
+  want = np.concatenate([x1 * np.cos(a) - x2 * np.sin(a), x2 * np.cos(a) + x1 * np.sin(a)], -1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  def rotate_q_and_k(q, k, positions):
+    tables = rope_sin_cos(positions, inv_freq)
+    return rotate_half(q, *tables), rotate_half(k, *tables)
+  hlo = jax.jit(rotate_q_and_k).lower(jnp.asarray(q, jnp.float32), jnp.asarray(k, jnp.float32),
+                                      positions).compile().as_text()
+  # Each computation that evaluates sin or cos holds only [B, T, h] tables,
+  # not the per-head rotation (fused in, they run once per element of q or k).
+  trig = [c for c in hlo.split("\n\n") if " sine(" in c or " cosine(" in c]
+  assert trig and not any(f"f32[{B},1,{n},{H // 2}]" in c for c in trig for n in (N, K)), trig

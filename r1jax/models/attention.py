@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.models.config import ModelConfig
-from r1jax.models.layers import Einsum, apply_rope, rope_inv_freq
+from r1jax.models.layers import Einsum, rope_inv_freq, rope_sin_cos, rotate_half
 
 _MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
 
@@ -48,9 +48,9 @@ class Attention(nn.Module):
     k_BTKH = proj("BTD,DKH->BTKH", K, ("kv_heads", "head_dim"), "k_proj")(x_BTD)
     v_BTKH = proj("BTD,DKH->BTKH", K, ("kv_heads", "head_dim"), "v_proj")(x_BTD)
 
-    inv_freq = rope_inv_freq(c)
-    q_BTNH = apply_rope(q_BTNH, positions_BT, inv_freq)
-    k_BTKH = apply_rope(k_BTKH, positions_BT, inv_freq)
+    sin_cos = rope_sin_cos(positions_BT, rope_inv_freq(c))
+    q_BTNH = rotate_half(q_BTNH, *sin_cos)
+    k_BTKH = rotate_half(k_BTKH, *sin_cos)
 
     B, T = x_BTD.shape[:2]
     new_cache = None

@@ -56,15 +56,37 @@ def rope_inv_freq(config: ModelConfig) -> jax.Array:
   return jnp.where(is_mid, smoothed, out)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates halves (Hugging Face "rotate_half" layout), in float32."""
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * inv_freq
-  sin = jnp.sin(angles_BTh)[:, :, None, :]
-  cos = jnp.cos(angles_BTh)[:, :, None, :]
+def rope_sin_cos(positions_BT: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
+  """sin and cos of positions x inv_freq, each [B, T, h] float32.
+
+  On CPU both are computed in a conditional whose two branches are the same
+  function, so they become buffers that q's and k's rotations read. Left
+  alone, XLA:CPU fuses sin and cos into each consumer and evaluates them per
+  element of q and k: (N + K) x 2 times over, per layer (it also drops
+  `optimization_barrier` before fusion). A bench decode step's q and k
+  rotations: 278 -> 40 us per layer, the same floats (tests/test_model.py).
+  """
+  angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
+  sin_cos = lambda a: (jnp.sin(a), jnp.cos(a))
+  if jax.default_backend() != "cpu" or positions_BT.size == 0:
+    return sin_cos(angles_BTh)
+  # Any predicate XLA cannot fold will do: both branches compute the same.
+  return jax.lax.cond(positions_BT.reshape(-1)[0] >= 0, sin_cos, sin_cos, angles_BTh)
+
+
+def rotate_half(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:
+  """[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] per head (Hugging Face
+  "rotate_half" layout), in float32."""
+  sin, cos = sin_BTh[:, :, None, :], cos_BTh[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
   x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTNH.dtype)
+
+
+def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotates halves (Hugging Face "rotate_half" layout), in float32."""
+  return rotate_half(x_BTNH, *rope_sin_cos(positions_BT, inv_freq))
 
 
 def _projection_out_dims(equation: str) -> Optional[int]:

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.models.attention import two_part_softmax
-from r1jax.models.layers import Einsum, RMSNorm, apply_rope, param_init
+from r1jax.models.layers import Einsum, RMSNorm, apply_rope, param_init, rope_sin_cos
 
 _MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
 
@@ -100,9 +100,9 @@ def apply_rope_interleaved(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq,
   that of the reference (transformers' `apply_rotary_pos_emb_interleave` does
   the same). Computed in float32.
   """
-  angles_BTh = positions_BT[..., None].astype(jnp.float32) * jnp.asarray(inv_freq)
-  cos = (jnp.cos(angles_BTh) * attention_factor)[:, :, None, :]
-  sin = (jnp.sin(angles_BTh) * attention_factor)[:, :, None, :]
+  sin_BTh, cos_BTh = rope_sin_cos(positions_BT, inv_freq)
+  cos = (cos_BTh * attention_factor)[:, :, None, :]
+  sin = (sin_BTh * attention_factor)[:, :, None, :]
   x = x_BTNH.astype(jnp.float32)
   x1, x2 = x[..., 0::2], x[..., 1::2]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
