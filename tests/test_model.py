@@ -396,7 +396,7 @@ def test_rope_tables_are_computed_once_per_position_with_the_same_floats():
   into every element of q and k) gives the floats of the plain expression,
   and the rotation equals float64 rotate-half. In the compiled decode-shaped
   rotation of q and k, sin and cos run only on the [B, T, h] tables."""
-  from r1jax.models.layers import apply_rope, rope_sin_cos, rotate_half
+  from r1jax.models.layers import rope_sin_cos, rotate_half
   B, N, K, H = 16, 4, 2, 8
   rng = np.random.default_rng(0)
   q, k = rng.standard_normal((B, 1, N, H)), rng.standard_normal((B, 1, K, H))
@@ -408,7 +408,8 @@ def test_rope_tables_are_computed_once_per_position_with_the_same_floats():
   np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(angles))
   np.testing.assert_array_equal(cos, jax.jit(jnp.cos)(angles))
 
-  got = np.asarray(apply_rope(jnp.asarray(q, jnp.float32), positions, inv_freq), np.float64)
+  got = np.asarray(rotate_half(jnp.asarray(q, jnp.float32), *rope_sin_cos(positions, inv_freq)),
+                   np.float64)
   a = np.asarray(angles, np.float64)[:, :, None, :]  # the float32 angles, rotated in float64
   x1, x2 = q[..., :H // 2], q[..., H // 2:]
   want = np.concatenate([x1 * np.cos(a) - x2 * np.sin(a), x2 * np.cos(a) + x1 * np.sin(a)], -1)

@@ -84,11 +84,6 @@ def rotate_half(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> ja
   return out.astype(x_BTNH.dtype)
 
 
-def apply_rope(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq: jax.Array) -> jax.Array:
-  """Rotates halves (Hugging Face "rotate_half" layout), in float32."""
-  return rotate_half(x_BTNH, *rope_sin_cos(positions_BT, inv_freq))
-
-
 def _projection_out_dims(equation: str) -> Optional[int]:
   """For "BT<in>,<in><out>->BT<out>" (a projection of every token), the number
   of output dims; None for any other einsum."""

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax.models.attention import two_part_softmax
-from r1jax.models.layers import Einsum, RMSNorm, apply_rope, param_init, rope_sin_cos
+from r1jax.models.layers import Einsum, RMSNorm, param_init, rope_sin_cos, rotate_half
 
 _MASKED = -1e30  # finite so fully masked rows (padding) give uniform, not NaN
 
@@ -91,30 +91,37 @@ def softmax_scale(config) -> float:
   return scale
 
 
-def apply_rope_interleaved(x_BTNH: jax.Array, positions_BT: jax.Array, inv_freq,
-                           attention_factor: float = 1.0) -> jax.Array:
+def apply_rope_interleaved(x_BTNH: jax.Array, sin_BTh: jax.Array, cos_BTh: jax.Array) -> jax.Array:
   """Rotates interleaved pairs (x0, x1), (x2, x3), ... (DeepSeek's complex-number
-  layout) and returns them de-interleaved [evens' rotation, odds' rotation].
+  layout) and returns them de-interleaved [evens' rotation, odds' rotation]:
+  rotate-half of the de-interleaved dims.
 
   The output permutes the dims, identically for queries and keys, so q·k is
   that of the reference (transformers' `apply_rotary_pos_emb_interleave` does
   the same). Computed in float32.
   """
-  sin_BTh, cos_BTh = rope_sin_cos(positions_BT, inv_freq)
-  cos = (cos_BTh * attention_factor)[:, :, None, :]
-  sin = (sin_BTh * attention_factor)[:, :, None, :]
-  x = x_BTNH.astype(jnp.float32)
-  x1, x2 = x[..., 0::2], x[..., 1::2]
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTNH.dtype)
+  evens_then_odds = jnp.concatenate([x_BTNH[..., 0::2], x_BTNH[..., 1::2]], axis=-1)
+  return rotate_half(evens_then_odds, sin_BTh, cos_BTh)
 
 
-def rope(config, x_BTNH: jax.Array, positions_BT: jax.Array) -> jax.Array:
-  """The configured rotary embedding (interleaved or rotate-half) of the rope dims."""
-  inv_freq, factor = rope_inv_freq(config), rope_attention_factor(config)
+def rope_tables(config, positions_BT: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """sin and cos [B, T, Hr/2] of the rope dims (`rope_sin_cos`), interleaved
+  layouts scaled by YaRN's attention factor; computed once per layer, read by
+  both q's and k's rotation."""
+  sin_BTh, cos_BTh = rope_sin_cos(positions_BT, rope_inv_freq(config))
+  factor = rope_attention_factor(config)
+  if config.rope_interleave and factor != 1.0:
+    return sin_BTh * factor, cos_BTh * factor
+  return sin_BTh, cos_BTh
+
+
+def rope(config, x_BTNH: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
+  """The configured rotary embedding (interleaved or rotate-half) of the rope
+  dims, from `rope_tables`."""
   if config.rope_interleave:
-    return apply_rope_interleaved(x_BTNH, positions_BT, inv_freq, factor)
-  out = apply_rope(x_BTNH, positions_BT, jnp.asarray(inv_freq))
+    return apply_rope_interleaved(x_BTNH, *tables)
+  out = rotate_half(x_BTNH, *tables)
+  factor = rope_attention_factor(config)
   return out if factor == 1.0 else (out.astype(jnp.float32) * factor).astype(x_BTNH.dtype)
 
 
@@ -166,12 +173,13 @@ class MLA(nn.Module):
       q_BTNH = Einsum("BTD,DNH->BTNH", (D, N, Hn + Hr), ("embed", "heads", "head_dim"), c,
                       name="q_proj")(x_BTD)
     q_nope_BTNH, q_rope_BTNH = q_BTNH[..., :Hn], q_BTNH[..., Hn:]
-    q_rope_BTNH = rope(c, q_rope_BTNH, positions_BT)
+    tables = rope_tables(c, positions_BT)
+    q_rope_BTNH = rope(c, q_rope_BTNH, tables)
 
     kv_BTR = Einsum("BTD,DR->BTR", (D, R + Hr), ("embed", "kv_lora"), c,
                     name="kv_a_proj_with_mqa")(x_BTD)
     latent_BTR = norm("kv_a_layernorm")(kv_BTR[..., :R])
-    k_rope_BTH = rope(c, kv_BTR[..., None, R:], positions_BT)[:, :, 0]
+    k_rope_BTH = rope(c, kv_BTR[..., None, R:], tables)[:, :, 0]
     # kv_b as one [R, N, Hn + Hv] kernel (Hugging Face's kv_b_proj), split in use.
     kv_b_RNH = Kernel((R, N, Hn + Hv), ("kv_lora", "heads", "head_dim"), c,
                       name="kv_b_proj")().astype(c.dtype)
